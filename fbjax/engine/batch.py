@@ -1,0 +1,101 @@
+"""RaggedBatch: one step's inputs as flat host arrays, padded to a compiled bucket.
+
+Built in numpy on the host (no JAX ops, so building a batch never compiles anything)
+and handed to the bucket's executable, which transfers it in one go. The layout is
+that of JAX's ragged paged attention: one token axis, ``cu_q_lens`` / ``kv_lens`` /
+page table per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.model.llama import AttentionMetadata
+from fbjax.sched.base import StepPlan
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingInputs:
+    """Per-sequence sampling controls, [S] each."""
+
+    temperature: np.ndarray  # float32; 0 = greedy
+    top_k: np.ndarray  # int32; <= 0 = off
+    top_p: np.ndarray  # float32
+    seeds: np.ndarray  # uint32
+    output_index: np.ndarray  # int32: which output token this sample is (folds the key)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RaggedBatch:
+    tokens: np.ndarray  # [T] int32
+    attention: AttentionMetadata
+    logits_indices: np.ndarray  # [S] int32: last token of each sequence
+    sampling: SamplingInputs
+
+
+def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBatch:
+    """A batch of zeros with a bucket's shapes (used to lower the executable)."""
+    i32 = np.int32
+    return RaggedBatch(
+        tokens=np.zeros(num_tokens, i32),
+        attention=AttentionMetadata(
+            positions=np.zeros(num_tokens, i32),
+            slot_mapping=np.zeros(num_tokens, i32),
+            kv_lens=np.zeros(num_seqs, i32),
+            page_indices=np.zeros((num_seqs, pages_per_seq), i32),
+            cu_q_lens=np.zeros(num_seqs + 1, i32),
+            num_seqs=np.zeros((), i32),
+        ),
+        logits_indices=np.zeros(num_seqs, i32),
+        sampling=SamplingInputs(
+            temperature=np.zeros(num_seqs, np.float32),
+            top_k=np.zeros(num_seqs, i32),
+            top_p=np.ones(num_seqs, np.float32),
+            seeds=np.zeros(num_seqs, np.uint32),
+            output_index=np.zeros(num_seqs, i32),
+        ),
+    )
+
+
+def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> RaggedBatch:
+    """Fill a bucket-shaped batch from the plan's chunks and their page tables.
+
+    Unseeded requests sample with seed 0 here; the engine gives each one a seed of its
+    own when it is added, so this default only matters to direct callers.
+    """
+    num_tokens, num_seqs = plan.bucket
+    batch = batch_shapes(num_tokens, num_seqs, pages_per_seq)
+    att, smp = batch.attention, batch.sampling
+    page_size = kv.page_size
+    att.slot_mapping[:] = kv.num_pages * page_size  # padding writes are dropped
+    offset = 0
+    for i, chunk in enumerate(plan.chunks):
+        request, n, start = chunk.request, chunk.num_tokens, chunk.start
+        table = kv.block_table(request.request_id)
+        end = offset + n
+        batch.tokens[offset:end] = request.token_ids[start:start + n]
+        positions = np.arange(start, start + n, dtype=np.int32)
+        att.positions[offset:end] = positions
+        table_arr = np.asarray(table, np.int32)
+        att.slot_mapping[offset:end] = table_arr[positions // page_size] * page_size + (
+            positions % page_size)
+        att.kv_lens[i] = start + n
+        att.page_indices[i, :len(table)] = table_arr
+        att.cu_q_lens[i + 1] = end
+        batch.logits_indices[i] = end - 1
+        sp = request.sampling
+        smp.temperature[i] = sp.temperature
+        smp.top_k[i] = sp.top_k
+        smp.top_p[i] = sp.top_p
+        smp.seeds[i] = 0 if sp.seed is None else sp.seed
+        smp.output_index[i] = request.num_output_tokens
+        offset = end
+    att.cu_q_lens[len(plan.chunks) + 1:] = offset
+    att.num_seqs[...] = len(plan.chunks)
+    return batch

@@ -1,0 +1,199 @@
+"""LLMEngine: add/abort/step over a scheduler and a model runner; offline ``generate``.
+
+The engine only executes plans: the scheduler decides who runs, the runner computes,
+and the engine does the rest of the bookkeeping a user sees (validation with clear
+errors, per-request seeds, stop strings, outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+import time
+
+import jax.numpy as jnp
+
+from fbjax.config import EngineConfig
+from fbjax.engine.batch import build_batch
+from fbjax.engine.buckets import enable_compilation_cache
+from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.engine.runner import ModelRunner
+from fbjax.model.weights import LoadedModel, load_model
+from fbjax.sched.base import StepLimits, StepPlan
+from fbjax.sched.registry import make_scheduler
+from fbjax.sched.request import Request, RequestStatus, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as given; the message says which field and why."""
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """A finished request: its tokens, text and timings."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    arrival_time: float
+    token_times: list[float]
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None,
+                 loaded: LoadedModel | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        enable_compilation_cache(config.compilation_cache_dir)
+        dtype = jnp.dtype(config.dtype)
+        self.loaded = loaded or load_model(config.model, dtype)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.kv = KVCacheManager(config.cache.num_pages, config.cache.page_size)
+        sched = config.scheduler
+        limits = StepLimits.from_buckets(config.buckets, sched.max_num_batched_tokens,
+                                         sched.max_num_seqs)
+        self.scheduler = make_scheduler(sched.policy, limits, self.kv)
+        self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
+                                  self.max_model_len, config.attention_impl, dtype,
+                                  config.show_progress)
+        self._ids = itertools.count()
+        self._seeds = random.Random(mc.seed)
+        self._stop_texts: dict[str, str] = {}  # text cut at a stop string
+        self._finished: dict[str, Request] = {}
+        self.num_steps = 0
+
+    # ----- requests ---------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    ttft_slo: float | None = None, tpot_slo: float | None = None) -> str:
+        """Validate and enqueue a request; returns its id. Raises InvalidRequestError."""
+        sampling = sampling or SamplingParams()
+        token_ids = self.encode_and_validate(prompt, sampling)
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=self._seeds.getrandbits(32))
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = Request(request_id, token_ids, sampling,
+                          time.monotonic() if arrival_time is None else arrival_time,
+                          eos_token_ids=self.tokenizer.eos_token_ids,
+                          ttft_slo=ttft_slo, tpot_slo=tpot_slo)
+        try:
+            self.scheduler.add_request(request)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        return request_id
+
+    def encode_and_validate(self, prompt: str | list[int],
+                            sampling: SamplingParams) -> list[int]:
+        """The prompt's token ids, or InvalidRequestError naming what is wrong."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty: give at least one character")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty: give at least one token")
+        bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.model_config.vocab_size})")
+        total = len(token_ids) + sampling.max_tokens
+        if len(token_ids) >= self.max_model_len or total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt of {len(token_ids)} tokens plus max_tokens={sampling.max_tokens} "
+                f"exceeds the model's context of {self.max_model_len} tokens")
+        return token_ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request; its KV pages are freed at once. False if unknown or done."""
+        request = self.scheduler.abort_request(request_id)
+        if request is None:
+            return False
+        self._finished[request_id] = request
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- the step ---------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and record one step; returns the requests that got tokens."""
+        plan = self.scheduler.schedule(time.monotonic())
+        if plan.is_empty:
+            return []
+        batch = build_batch(plan, self.kv, self.runner.pages_per_seq)
+        sampled_rows = self.runner.run(batch)
+        now = time.monotonic()
+        sampled = {c.request.request_id: int(sampled_rows[i])
+                   for i, c in enumerate(plan.chunks) if c.completes}
+        self.scheduler.on_step_done(plan, sampled, now)
+        self.num_steps += 1
+        return self._collect_outputs(plan, sampled)
+
+    def _collect_outputs(self, plan: StepPlan, sampled: dict[str, int]) -> list[RequestOutput]:
+        outputs = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.request_id not in sampled:
+                continue
+            if request.sampling.stop and not request.finished:
+                self._check_stop_strings(request)
+            if request.finished:
+                self._finished[request.request_id] = request
+            outputs.append(RequestOutput(request.request_id, [sampled[request.request_id]],
+                                         request.finished,
+                                         request.status.value if request.finished else None))
+        return outputs
+
+    def _check_stop_strings(self, request: Request) -> None:
+        text = self.tokenizer.decode(request.output_token_ids)
+        hits = [i for i in (text.find(s) for s in request.sampling.stop) if i >= 0]
+        if hits:
+            self._stop_texts[request.request_id] = text[:min(hits)]
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+
+    def pop_finished(self, request_id: str) -> CompletionOutput:
+        """The finished request's full output (its text decoded once, here)."""
+        request = self._finished.pop(request_id)
+        text = self._stop_texts.pop(request_id, None)
+        if text is None:
+            text = self.tokenizer.decode(request.output_token_ids)
+        return CompletionOutput(
+            request_id, request.token_ids[:request.prompt_len], list(request.output_token_ids),
+            text, request.status.value, request.arrival_time, list(request.token_times),
+            request.num_preemptions)
+
+    # ----- offline API ------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]],
+                 sampling: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[CompletionOutput]:
+        """Run prompts to completion (continuous batching); outputs in prompt order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        pairs = list(zip(prompts, params, strict=True))
+        for prompt, sp in pairs:  # all or nothing: no request is queued if one is bad
+            self.encode_and_validate(prompt, sp or SamplingParams())
+        ids = [self.add_request(p, s) for p, s in pairs]
+        while self.has_unfinished_requests():
+            self.step()
+        return [self.pop_finished(i) for i in ids]

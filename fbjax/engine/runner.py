@@ -1,0 +1,75 @@
+"""ModelRunner: the KV page pool on device and one compiled step per bucket.
+
+A step is ``(params, kv_cache, batch) -> (sampled tokens, kv_cache)``: the decoder over
+the ragged batch, logits only at each sequence's last token, sampling on device. The
+cache is donated, so XLA updates the pages in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from fbjax.config import BucketConfig, CacheConfig, ModelConfig
+from fbjax.engine.batch import RaggedBatch, batch_shapes
+from fbjax.engine.buckets import CompiledBuckets
+from fbjax.engine.sampling import sample_tokens
+from fbjax.model.llama import KVCache, LlamaForCausalLM
+from kernels.ragged_paged_attention import get_attention
+
+log = logging.getLogger(__name__)
+
+
+def make_kv_pool(model: ModelConfig, cache: CacheConfig, dtype) -> KVCache:
+    """Zeroed page pool: per layer (k, v) of [num_pages, page_size, kv_heads, head_dim]."""
+    shape = (cache.num_pages, cache.page_size, model.num_kv_heads, model.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(model.num_layers))
+
+
+def make_step_fn(model: LlamaForCausalLM):
+    def step(params, kv_cache: KVCache, batch: RaggedBatch):
+        hidden, kv_cache = model.apply({"params": params}, batch.tokens, kv_cache,
+                                       batch.attention)
+        logits = model.apply({"params": params}, hidden[batch.logits_indices],
+                             method=LlamaForCausalLM.logits)
+        s = batch.sampling
+        tokens = sample_tokens(logits, s.temperature, s.top_k, s.top_p, s.seeds,
+                               s.output_index)
+        return tokens, kv_cache
+
+    return step
+
+
+class ModelRunner:
+    """Holds params and the page pool; runs a batch on its bucket's executable."""
+
+    def __init__(self, model_config: ModelConfig, params, cache: CacheConfig,
+                 buckets: BucketConfig, max_model_len: int, attention_impl: str = "reference",
+                 dtype=jnp.float32, show_progress: bool = True) -> None:
+        self.model_config = model_config
+        self.params = params
+        self.pages_per_seq = -(-max_model_len // cache.page_size)
+        self.model = LlamaForCausalLM(model_config, get_attention(attention_impl), dtype)
+        self.kv_cache = make_kv_pool(model_config, cache, dtype)
+        start = time.perf_counter()
+        self.executables = CompiledBuckets.compile(
+            make_step_fn(self.model),
+            buckets,
+            example_args=lambda t, s: (params, self.kv_cache,
+                                       batch_shapes(t, s, self.pages_per_seq)),
+            donate_argnums=(1,),
+            show_progress=show_progress,
+        )
+        self.startup_seconds = time.perf_counter() - start
+        log.info("compiled %d bucket executables in %.1f s", len(self.executables),
+                 self.startup_seconds)
+
+    def run(self, batch: RaggedBatch) -> np.ndarray:
+        """Execute one step; returns the sampled token of each bucket row (padding included)."""
+        bucket = (batch.tokens.shape[0], batch.logits_indices.shape[0])
+        tokens, self.kv_cache = self.executables.get(bucket)(self.params, self.kv_cache, batch)
+        return np.asarray(tokens)

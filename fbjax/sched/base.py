@@ -1,0 +1,187 @@
+"""The Scheduler protocol shared by every policy, the engine and the simulator.
+
+A scheduler owns the running and waiting queues and the KV page tables. Each step the
+executor calls ``schedule(now)`` and gets a ``StepPlan``: the bucket to run and the
+(request, tokens) chunks to compute. After running it, the executor reports the
+sampled tokens with ``on_step_done``. The scheduler never touches arrays or devices.
+
+Admission and preemption live here so every policy handles a full KV pool the same
+way: a chunk is scheduled only once its pages are allocated; when they cannot be,
+the policy preempts (frees the victim's pages and requeues it at the front of the
+waiting queue for recompute). Preemption always makes room or removes the requester
+itself, so a full pool never stalls the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections import deque
+
+from fbjax.config import BucketConfig
+from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.sched.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count)."""
+
+    request: Request
+    num_tokens: int
+    start: int
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the end of the request's known tokens,
+        so the step samples the request's next token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class StepPlan:
+    bucket: tuple[int, int]  # (tokens, seqs) of the compiled executable to run
+    chunks: list[ScheduledChunk]
+    preempted: list[Request] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLimits:
+    """What one step may hold: the bucket ladders and the policy's own caps."""
+
+    buckets: BucketConfig
+    max_num_batched_tokens: int
+    max_num_seqs: int
+
+    @classmethod
+    def from_buckets(cls, buckets: BucketConfig, max_tokens: int | None = None,
+                     max_seqs: int | None = None) -> StepLimits:
+        tokens = min(max_tokens or buckets.max_tokens, buckets.max_tokens)
+        seqs = min(max_seqs or buckets.max_seqs, buckets.max_seqs)
+        return cls(buckets, tokens, seqs)
+
+
+class Scheduler(abc.ABC):
+    """Queues, KV admission and step bookkeeping; subclasses choose each step's chunks."""
+
+    name = "base"
+
+    def __init__(self, limits: StepLimits, kv: KVCacheManager) -> None:
+        self.limits = limits
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ----- queue management -------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if self.kv.pages_for(request.prompt_len + request.sampling.max_tokens) > self.kv.num_pages:
+            raise ValueError(
+                f"request {request.request_id!r} needs up to "
+                f"{request.prompt_len + request.sampling.max_tokens} tokens of KV cache but the "
+                f"pool holds {self.kv.capacity_tokens}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Cancel a request wherever it is; its pages return to the pool at once."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return None
+        self.finish_request(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request.request_id)
+        self.requests.pop(request.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ----- the step ---------------------------------------------------------------
+    @abc.abstractmethod
+    def schedule(self, now: float) -> StepPlan:
+        """Choose this step's chunks; allocate their pages; preempt if needed."""
+
+    def on_step_done(self, plan: StepPlan, sampled: dict[str, int], now: float) -> list[Request]:
+        """Record the step: advance computed counts, append sampled tokens, finish
+        requests on EOS / stop ids / max_tokens. Returns the requests that finished."""
+        finished = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            if not chunk.completes:
+                continue
+            request.append_output(sampled[request.request_id], now)
+            status = request.stop_reason()
+            if status is not None:
+                self.finish_request(request, status)
+                finished.append(request)
+        return finished
+
+    # ----- helpers for policies ---------------------------------------------------
+    def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request]) -> StepPlan:
+        num_tokens = sum(c.num_tokens for c in chunks)
+        bucket = self.limits.buckets.pick(num_tokens, len(chunks)) if chunks else (0, 0)
+        return StepPlan(bucket, chunks, preempted)
+
+    def admit(self, request: Request, now: float) -> None:
+        """Move a waiting request to the running list."""
+        self.waiting.remove(request)
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int,
+                             preempted: list[Request]) -> bool:
+        """Allocate pages for ``num_tokens`` more tokens of a running request, preempting
+        from the tail of the running list until they fit. False if ``request`` itself
+        had to go (it was the lowest priority left)."""
+        while not self.kv.ensure(request.request_id, request.num_computed_tokens + num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def preempt(self, request: Request) -> None:
+        """Free ``request``'s pages and requeue it first in line, to be recomputed."""
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)

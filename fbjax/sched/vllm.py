@@ -1,0 +1,47 @@
+"""Baseline: vLLM-v1-style chunked prefill.
+
+Fixed token budget per step. Running requests go first in arrival order (decodes and
+unfinished prefill chunks alike), then waiting requests FCFS; the last prompt that
+does not fit whole is chunked. When pages run out, the lowest-priority running
+request (the tail of the running list) is preempted for recompute, possibly the one
+asking. No waiting request is admitted in a step that preempted, so a preempted
+request is not immediately displaced by a newcomer.
+"""
+
+from __future__ import annotations
+
+from fbjax.sched.base import ScheduledChunk, Scheduler, StepPlan
+from fbjax.sched.request import Request
+
+
+class VLLMScheduler(Scheduler):
+    name = "vllm"
+
+    def schedule(self, now: float) -> StepPlan:
+        budget = self.limits.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            if len(chunks) >= self.limits.max_num_seqs:
+                break
+            request = self.running[index]
+            num = min(request.num_remaining, budget)
+            if not self._allocate_or_preempt(request, num, preempted):
+                break
+            chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
+            budget -= num
+            index += 1
+
+        if not preempted:
+            for request in list(self.waiting):
+                if budget <= 0 or len(chunks) >= self.limits.max_num_seqs:
+                    break
+                num = min(request.num_remaining, budget)
+                if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):
+                    break
+                self.admit(request, now)
+                chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
+                budget -= num
+        return self.make_plan(chunks, preempted)

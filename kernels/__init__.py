@@ -1,0 +1,1 @@
+"""Attention kernels for fbjax: importable and testable without fbjax itself."""

@@ -1,0 +1,29 @@
+"""Ragged paged attention: one signature, one implementation per backend.
+
+``reference`` (jax.numpy) is the ground truth and the CPU path. Pallas kernels for GPU
+and TPU plug in here under the same signature (see ``IMPLEMENTATIONS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kernels.ragged_paged_attention.reference import (
+    ragged_paged_attention as reference_attention,
+)
+from kernels.ragged_paged_attention.reference import token_layout, write_kv
+
+IMPLEMENTATIONS: dict[str, Callable] = {"reference": reference_attention}
+
+
+def get_attention(impl: str) -> Callable:
+    """The attention function named ``impl``; a clear error for an unknown name."""
+    try:
+        return IMPLEMENTATIONS[impl]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention_impl {impl!r}; choose one of {sorted(IMPLEMENTATIONS)}"
+        ) from None
+
+
+__all__ = ["get_attention", "reference_attention", "token_layout", "write_kv", "IMPLEMENTATIONS"]

@@ -1,0 +1,42 @@
+"""Shared fixtures: the built-in model loaded once, small engines built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from fbjax.config import BucketConfig, CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+
+# Small ladders keep start-up compilation short in tests while still mixing buckets.
+TEST_BUCKETS = BucketConfig(token_buckets=(16, 32, 64, 128), seq_buckets=(4, 16))
+
+
+def engine_config(**overrides) -> EngineConfig:
+    base = EngineConfig(
+        buckets=TEST_BUCKETS,
+        cache=CacheConfig(page_size=16, num_pages=512),
+        max_model_len=512,
+        scheduler=SchedulerConfig(policy="vllm", max_num_batched_tokens=64),
+        show_progress=False,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    import jax.numpy as jnp
+
+    from fbjax.model.weights import load_model
+
+    return load_model(None, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def engine(builtin_model):
+    from fbjax.engine.engine import LLMEngine
+
+    return LLMEngine(engine_config(), loaded=builtin_model)
