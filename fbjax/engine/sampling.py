@@ -1,8 +1,18 @@
 """Token sampling inside the compiled step: greedy, temperature, top-k, top-p.
 
-Runs on device so only one int per sequence comes back to the host. Each sequence's
-random key is ``fold_in(key(seed), output_index)``: a seeded request draws the same
-tokens whatever else shares its batches and however its prompt was chunked.
+Runs on device so only one int per sequence comes back to the host.
+
+Why no sort: a full sort of the vocabulary is the textbook way to apply top-k and
+top-p, but XLA's CPU sort costs milliseconds for a batch (more than the whole model
+step of a small model). Instead each row's cut-off *probability* is found by
+bisection: top-k keeps ``p >= t`` for the largest ``t`` with at least k tokens above
+it; top-p keeps ``p >= t`` for the largest ``t`` whose kept mass reaches top_p (the
+smallest nucleus, as in the sorted definition; ties at the boundary are kept).
+Then one uniform number per row inverts the CDF of the kept tokens. A batch with no
+sampled row skips all of it (``lax.cond``) and pays only an argmax.
+
+Each row's key is ``fold_in(key(seed), output_index)``, so a seeded request draws the
+same tokens whatever else shares its batches and however its prompt was chunked.
 """
 
 from __future__ import annotations
@@ -10,28 +20,62 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# float32 probabilities: 40 halvings of [0, 1] resolve gaps down to ~1e-12.
+BISECTION_STEPS = 40
+
+
+def _bisect_threshold(probs: jax.Array, enough) -> jax.Array:
+    """Largest t in [0, max p] with ``enough(kept mask p >= t)`` true, per row."""
+    lo = jnp.zeros(probs.shape[0], probs.dtype)
+    hi = probs.max(axis=-1)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        ok = enough(probs >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, BISECTION_STEPS, body, (lo, hi))
+    # hi itself (the max, or a point found sufficient) may qualify exactly.
+    return jnp.where(enough(probs >= hi[:, None]), hi, lo)
+
+
+def filter_probs(logits, temperature, top_k, top_p) -> jax.Array:
+    """Temperature-scaled probabilities with top-k then top-p applied (unnormalized)."""
+    vocab = logits.shape[-1]
+    safe_t = jnp.where(temperature > 0, temperature, 1.0)
+    probs = jax.nn.softmax(logits / safe_t[:, None], axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    t_k = _bisect_threshold(probs, lambda kept: kept.sum(axis=-1) >= k)
+    probs = jnp.where(probs >= t_k[:, None], probs, 0.0)
+    probs = probs / probs.sum(axis=-1, keepdims=True)
+    t_p = _bisect_threshold(
+        probs, lambda kept: jnp.where(kept, probs, 0.0).sum(axis=-1) >= top_p)
+    t_p = jnp.where(top_p >= 1.0, 0.0, t_p)  # float32 mass can reach 1 before the tail ends
+    return jnp.where(probs >= t_p[:, None], probs, 0.0)
+
+
+def _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index):
+    probs = filter_probs(logits, temperature, top_k, top_p)
+    cdf = jnp.cumsum(probs, axis=-1)
+
+    def uniform(seed, index):
+        return jax.random.uniform(jax.random.fold_in(jax.random.key(seed), index))
+
+    u = jax.vmap(uniform)(seeds, output_index) * cdf[:, -1]
+    choice = jnp.sum(cdf <= u[:, None], axis=-1)
+    # Float round-off can put u at the very top: fall back to the last kept token.
+    last_kept = logits.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(choice, last_kept).astype(jnp.int32)
+
 
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, seeds: jax.Array, output_index: jax.Array) -> jax.Array:
-    """logits [S, V] float32 -> token ids [S] int32."""
-    vocab = logits.shape[-1]
+    """logits [S, V] float32 -> token ids [S] int32; ``temperature == 0`` rows are greedy."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    scaled = logits / safe_t[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    probs = jax.nn.softmax(masked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
-    keep &= before < top_p[:, None]  # the top token always survives
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-
-    def draw(seed, index, row):
-        key = jax.random.fold_in(jax.random.key(seed), index)
-        return jax.random.categorical(key, row)
-
-    choice = jax.vmap(draw)(seeds, output_index, masked)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    sampled = jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index),
+        lambda: greedy,
+    )
     return jnp.where(temperature > 0, sampled, greedy)

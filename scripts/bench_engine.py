@@ -1,0 +1,126 @@
+"""Output tokens/s of the engine vs Hugging Face ``generate``, same weights, same batch.
+
+Builds a random Llama-shaped checkpoint with the built-in model's shape in transformers,
+saves it with ``save_pretrained``, loads it into fbjax, then for 1, 8 and 32 concurrent
+requests (random prompt lengths, fixed output length, greedy, EOS ignored) measures
+wall time to finish the batch in both, side by side in one run, and prints the ratio.
+Compilation (fbjax start-up) and the first HF call are warm-ups, not timed.
+
+    python scripts/bench_engine.py [--concurrency 1,8,32] [--output_len 128]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("concurrency", ["1", "8", "32"], "Concurrent requests per batch.")
+flags.DEFINE_integer("output_len", 128, "Tokens generated per request.")
+flags.DEFINE_integer("min_prompt", 32, "Shortest prompt (tokens).")
+flags.DEFINE_integer("max_prompt", 256, "Longest prompt (tokens).")
+flags.DEFINE_integer("repeats", 2, "Timed runs per setting; the best is reported.")
+flags.DEFINE_integer("seed", 0, "Seed for prompts and weights.")
+
+
+def build_hf_checkpoint(out_dir: Path, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fbjax.config import BUILTIN_MODEL_CONFIG, ModelConfig
+
+    mc = ModelConfig.from_json(BUILTIN_MODEL_CONFIG)
+    hf_cfg = LlamaConfig(
+        vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
+        intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_layers,
+        num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim, max_position_embeddings=mc.max_position_embeddings,
+        rms_norm_eps=mc.rms_norm_eps, rope_theta=mc.rope_theta,
+        tie_word_embeddings=mc.tie_word_embeddings, bos_token_id=mc.bos_token_id,
+        eos_token_id=list(mc.eos_token_ids), pad_token_id=258)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_cfg).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def time_fbjax(engine, prompts, output_len: int) -> float:
+    from fbjax.sched.request import SamplingParams
+
+    sampling = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, sampling)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == output_len for o in outputs)
+    return elapsed
+
+
+def time_hf(model, prompts, output_len: int) -> float:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), 258, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only generation wants
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=258)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == width + output_len
+    return elapsed
+
+
+def main(argv):
+    del argv
+    import jax.numpy as jnp
+    import torch
+
+    from fbjax.config import EngineConfig
+    from fbjax.engine.engine import LLMEngine
+    from fbjax.model.tokenizer import ByteTokenizer
+    from fbjax.model.weights import LoadedModel, load_hf_config, load_hf_params
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rng = random.Random(FLAGS.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = build_hf_checkpoint(Path(tmp), FLAGS.seed)
+        config = load_hf_config(tmp)
+        loaded = LoadedModel(config, load_hf_params(tmp, config, jnp.float32), ByteTokenizer())
+    engine_cfg = EngineConfig()
+    start = time.perf_counter()
+    engine = LLMEngine(dataclasses.replace(engine_cfg, show_progress=False), loaded=loaded)
+    print(f"fbjax start-up: {time.perf_counter() - start:.1f} s, "
+          f"{len(engine.runner.executables)} executables")
+
+    rows = []
+    for n in (int(c) for c in FLAGS.concurrency):
+        prompts = [[256] + [rng.randrange(32, 127) for _ in range(
+            rng.randint(FLAGS.min_prompt, FLAGS.max_prompt) - 1)] for _ in range(n)]
+        time_fbjax(engine, prompts[:1], 4)  # warm caches; no compilation happens here
+        time_hf(hf_model, prompts[:1], 4)
+        fb = min(time_fbjax(engine, prompts, FLAGS.output_len) for _ in range(FLAGS.repeats))
+        hf = min(time_hf(hf_model, prompts, FLAGS.output_len) for _ in range(FLAGS.repeats))
+        tokens = n * FLAGS.output_len
+        rows.append((n, tokens / fb, tokens / hf))
+        print(f"  concurrency {n:3d}: fbjax {tokens / fb:8.1f} tok/s   "
+              f"HF {tokens / hf:8.1f} tok/s   ratio {hf / fb:5.2f}x", flush=True)
+
+    print("\n| concurrent requests | fbjax out tok/s | HF generate out tok/s | fbjax / HF |")
+    print("|---:|---:|---:|---:|")
+    for n, fb, hf in rows:
+        print(f"| {n} | {fb:.1f} | {hf:.1f} | {fb / hf:.2f}x |")
+
+
+if __name__ == "__main__":
+    app.run(main)
