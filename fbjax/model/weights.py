@@ -92,34 +92,40 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
                               f"{model_type} (it adds an o_proj bias); only Qwen2-style "
                               "q/k/v biases are")
 
-    heads = cfg["num_attention_heads"]
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     head_dim = cfg.get("head_dim")
-    if head_dim is None:
-        if not isinstance(heads, int) or heads <= 0 or cfg["hidden_size"] % heads:
-            raise ConfigError(f"{path}: hidden_size ({cfg['hidden_size']!r}) is not a "
-                              f"multiple of num_attention_heads ({heads!r}) and head_dim "
-                              "is not given")
-        head_dim = cfg["hidden_size"] // heads
+    if head_dim is None and isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+        if hidden % heads:
+            raise ConfigError(f"{path}: hidden_size ({hidden}) is not a multiple of "
+                              f"num_attention_heads ({heads}) and head_dim is not given")
+        head_dim = hidden // heads
+    # (non-integer sizes are reported by ModelConfig's own checks below)
     rope_theta, rope_scaling = _rope(cfg, path)
+    sliding_window = _sliding_window(cfg, model_type, path)
+    bos_token_id = _optional_int(cfg.get("bos_token_id"), "bos_token_id", path)
+    eos_token_ids = _eos_ids(cfg, model_dir, path)
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or eps <= 0:
+        raise ConfigError(f"{path}: rms_norm_eps must be a positive number, got {eps!r}")
 
     try:
         config = ModelConfig(
             vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             max_position_embeddings=cfg["max_position_embeddings"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(eps),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            sliding_window=_sliding_window(cfg, model_type, path),
-            bos_token_id=_optional_int(cfg.get("bos_token_id"), "bos_token_id", path),
-            eos_token_ids=_eos_ids(cfg, model_dir, path),
+            sliding_window=sliding_window,
+            bos_token_id=bos_token_id,
+            eos_token_ids=eos_token_ids,
             name=model_dir.resolve().name,
         )
     except (TypeError, ValueError) as e:  # ConfigError is a ValueError
@@ -352,17 +358,20 @@ def init_random_params(config: ModelConfig, dtype: jnp.dtype = jnp.float32,
                        seed: int | None = None) -> Params:
     """Seeded random params (normal(0.02) weights, unit norms) for ``config``.
 
-    The same seed gives the same params on every backend (``jax.random`` is
-    counter-based), so the built-in model answers the same on CPU, GPU and TPU.
+    ``lazy_init`` creates the params from abstract inputs, so the forward pass is only
+    traced, never run or compiled. The random bits come from ``jax.random``'s
+    counter-based PRNG and are the same on every backend, so a seed names the same
+    model everywhere (the float scaling of those bits may differ by an ulp).
     """
     from kernels.ragged_paged_attention import reference_attention
 
     seed = config.seed if seed is None else seed
     model = LlamaForCausalLM(config, reference_attention, dtype)
-    tokens, cache, meta = dummy_inputs(config, dtype)
-    init = jax.jit(lambda key: model.init(key, tokens, cache, meta,
-                                          method=LlamaForCausalLM.init_all))
-    return init(jax.random.PRNGKey(seed))["params"]
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      dummy_inputs(config, dtype))
+    variables = model.lazy_init(jax.random.PRNGKey(seed), *abstract,
+                                method=LlamaForCausalLM.init_all)
+    return variables["params"]
 
 
 # --------------------------------------------------------------------------- orbax
