@@ -56,7 +56,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
-        data = _read_json(path)
+        data = read_json(path)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         return _construct(cls, data, str(path))
 
@@ -142,7 +142,7 @@ class EngineConfig:
     show_progress: bool = True
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text()

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbjax.config import BUILTIN_MODEL_CONFIG, ConfigError, ModelConfig, _read_json
+from fbjax.config import BUILTIN_MODEL_CONFIG, ConfigError, ModelConfig, read_json
 from fbjax.model.llama import AttentionMetadata, LlamaForCausalLM
 from fbjax.model.rope import inverse_frequencies
 from fbjax.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -70,7 +70,7 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"config.json not found in model directory {model_dir}")
-    cfg = _read_json(path)
+    cfg = read_json(path)
 
     model_type = _model_type(cfg, path)
     missing = [f for f in _REQUIRED_FIELDS if cfg.get(f) is None]
@@ -230,7 +230,7 @@ def _eos_ids(cfg: dict[str, Any], model_dir: Path, path: Path) -> tuple[int, ...
     ids = _int_list(cfg.get("eos_token_id"), "eos_token_id", path)
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():
-        gen = _read_json(gen_path)
+        gen = read_json(gen_path)
         ids += _int_list(gen.get("eos_token_id"), "eos_token_id", gen_path)
     return tuple(dict.fromkeys(ids))
 
@@ -268,7 +268,7 @@ def _safetensors_index(model_dir: Path) -> tuple[dict[str, Path], str]:
 
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConfigError(f"{index_path}: missing or malformed 'weight_map'")
         files = {name: model_dir / fname for name, fname in weight_map.items()}

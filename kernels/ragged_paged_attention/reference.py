@@ -107,11 +107,18 @@ def ragged_paged_attention(
     qf = q.astype(jnp.float32).reshape(num_tokens, kv_heads, group, head_dim) * sm_scale
 
     def body(block, carry):
-        m, denom, acc = carry
+        m, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(page_table, block * block_pages, block_pages, 1)
         pages = pages[seq]  # [T, block_pages]
         k = k_cache[pages].reshape(num_tokens, block_tokens, kv_heads, head_dim)
         v = v_cache[pages].reshape(num_tokens, block_tokens, kv_heads, head_dim)
+        # A column of ones after V makes the softmax denominator (sum of p) come out of
+        # the same matmul as p @ V, so it is summed in the same order whatever the token
+        # count; a separate p.sum() goes to shape-dependent CPU reduction code and breaks
+        # bitwise batch invariance.
+        v = jnp.concatenate(
+            [v.astype(jnp.float32), jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1
+        )
         s = jnp.einsum("thgd,tkhd->thgk", qf, k.astype(jnp.float32))
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -125,16 +132,15 @@ def ragged_paged_attention(
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
-        denom = denom * alpha + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("thgk,tkhd->thgd", p, v.astype(jnp.float32))
-        return m_new, denom, acc
+        acc = acc * alpha[..., None] + jnp.einsum("thgk,tkhd->thgd", p, v)
+        return m_new, acc
 
     init = (
         jnp.full((num_tokens, kv_heads, group), -jnp.inf, jnp.float32),
-        jnp.zeros((num_tokens, kv_heads, group), jnp.float32),
-        jnp.zeros((num_tokens, kv_heads, group, head_dim), jnp.float32),
+        jnp.zeros((num_tokens, kv_heads, group, head_dim + 1), jnp.float32),
     )
-    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    _, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    acc, denom = acc[..., :head_dim], acc[..., head_dim]
     out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype)
