@@ -11,7 +11,7 @@ from collections.abc import Callable
 from kernels.ragged_paged_attention.reference import (
     ragged_paged_attention as reference_attention,
 )
-from kernels.ragged_paged_attention.reference import token_layout, write_kv
+from kernels.ragged_paged_attention.reference import write_kv
 
 IMPLEMENTATIONS: dict[str, Callable] = {"reference": reference_attention}
 
@@ -26,4 +26,4 @@ def get_attention(impl: str) -> Callable:
         ) from None
 
 
-__all__ = ["get_attention", "reference_attention", "token_layout", "write_kv", "IMPLEMENTATIONS"]
+__all__ = ["get_attention", "reference_attention", "write_kv", "IMPLEMENTATIONS"]
