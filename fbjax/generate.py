@@ -11,13 +11,12 @@ import sys
 
 from absl import app, flags, logging
 
-from fbjax.config import ConfigError, EngineConfig, SchedulerConfig
+from fbjax.cli_flags import engine_config_from_flags
+from fbjax.config import ConfigError
 from fbjax.engine.engine import InvalidRequestError, LLMEngine
 from fbjax.sched.request import SamplingParams
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
-                    "model.")
 flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for several prompts.")
 flags.DEFINE_integer("max_tokens", 32, "Maximum number of tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 means greedy.")
@@ -26,7 +25,6 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tok
 flags.DEFINE_integer("top_k", 0, "Keep only the top_k most likely tokens; 0 disables it.")
 flags.DEFINE_integer("seed", None, "Sampling seed for reproducible outputs.")
 flags.DEFINE_multi_string("stop", [], "Stop string; repeat for several.")
-flags.DEFINE_string("scheduler", "vllm", "Scheduling policy.")
 flags.mark_flag_as_required("prompt")
 
 
@@ -40,9 +38,7 @@ def main(argv: list[str]) -> int:
         print(f"error: bad sampling flag: {e}", file=sys.stderr)
         return 2
     try:
-        config = EngineConfig(model=FLAGS.model,
-                              scheduler=SchedulerConfig(policy=FLAGS.scheduler))
-        engine = LLMEngine(config)
+        engine = LLMEngine(engine_config_from_flags())
         outputs = engine.generate(list(FLAGS.prompt), sampling)
     except (ConfigError, InvalidRequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,9 +50,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)  # exits with main's return code

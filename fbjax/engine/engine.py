@@ -53,6 +53,7 @@ class CompletionOutput:
     finish_reason: str
     arrival_time: float
     token_times: list[float]
+    finish_time: float | None
     num_preemptions: int
 
 
@@ -125,7 +126,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its KV pages are freed at once. False if unknown or done."""
-        request = self.scheduler.abort_request(request_id)
+        request = self.scheduler.abort_request(request_id, time.monotonic())
         if request is None:
             return False
         self._finished[request_id] = request
@@ -169,7 +170,8 @@ class LLMEngine:
         hits = [i for i in (text.find(s) for s in request.sampling.stop) if i >= 0]
         if hits:
             self._stop_texts[request.request_id] = text[:min(hits)]
-            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED,
+                                          request.token_times[-1])
 
     def pop_finished(self, request_id: str) -> CompletionOutput:
         """The finished request's full output (its text decoded once, here)."""
@@ -180,7 +182,7 @@ class LLMEngine:
         return CompletionOutput(
             request_id, request.token_ids[:request.prompt_len], list(request.output_token_ids),
             text, request.status.value, request.arrival_time, list(request.token_times),
-            request.num_preemptions)
+            request.finish_time, request.num_preemptions)
 
     # ----- offline API ------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]],

@@ -98,20 +98,22 @@ class Scheduler(abc.ABC):
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str, now: float | None = None) -> Request | None:
         """Cancel a request wherever it is; its pages return to the pool at once."""
         request = self.requests.get(request_id)
         if request is None or request.finished:
             return None
-        self.finish_request(request, RequestStatus.FINISHED_ABORTED)
+        self.finish_request(request, RequestStatus.FINISHED_ABORTED, now)
         return request
 
-    def finish_request(self, request: Request, status: RequestStatus) -> None:
+    def finish_request(self, request: Request, status: RequestStatus,
+                       now: float | None = None) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         request.status = status
+        request.finish_time = now
         self.kv.free(request.request_id)
         self.requests.pop(request.request_id, None)
 
@@ -145,7 +147,7 @@ class Scheduler(abc.ABC):
             request.append_output(sampled[request.request_id], now)
             status = request.stop_reason()
             if status is not None:
-                self.finish_request(request, status)
+                self.finish_request(request, status, now)
                 finished.append(request)
         return finished
 

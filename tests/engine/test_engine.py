@@ -146,7 +146,8 @@ def test_abort_frees_pages(engine):
     assert engine.abort_request(rid)
     assert engine.kv.num_free_pages == engine.kv.num_pages
     assert not engine.has_unfinished_requests()
-    assert engine.pop_finished(rid).finish_reason == "abort"
+    aborted = engine.pop_finished(rid)
+    assert aborted.finish_reason == "abort" and aborted.finish_time is not None
     assert not engine.abort_request(rid)
 
 

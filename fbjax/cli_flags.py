@@ -1,0 +1,49 @@
+"""absl flags shared by the CLIs that build an engine (generate, and later serve)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+
+flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
+                    "model.")
+flags.DEFINE_string("scheduler", "vllm", "Scheduling policy.")
+flags.DEFINE_list("token_buckets", None, "Token-budget ladder, e.g. 16,32,64,128,256 "
+                  "(default: EngineConfig's).")
+flags.DEFINE_list("seq_buckets", None, "Sequences-per-step ladder, e.g. 4,8,16,32.")
+flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step "
+                     "(default: the largest token bucket).")
+flags.DEFINE_integer("page_size", CacheConfig.page_size, "KV cache page size in tokens.")
+flags.DEFINE_integer("num_pages", CacheConfig.num_pages, "KV cache pages.")
+flags.DEFINE_integer("max_model_len", None, "Context limit (default: the model's).")
+flags.DEFINE_string("attention_impl", "reference", "Attention implementation.")
+
+FLAGS = flags.FLAGS
+
+
+def _ladder(name: str, values: list[str] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if values is None:
+        return default
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ConfigError(f"--{name} must be a comma-separated list of integers, "
+                          f"got {','.join(values)!r}") from None
+
+
+def engine_config_from_flags() -> EngineConfig:
+    """An EngineConfig from the flags above; bad values raise ConfigError naming the flag."""
+    default = BucketConfig()
+    try:
+        buckets = BucketConfig(_ladder("token_buckets", FLAGS.token_buckets,
+                                       default.token_buckets),
+                               _ladder("seq_buckets", FLAGS.seq_buckets, default.seq_buckets))
+        cache = CacheConfig(FLAGS.page_size, FLAGS.num_pages)
+    except ConfigError as e:
+        raise ConfigError(f"bad bucket or cache flag: {e}") from None
+    return EngineConfig(
+        model=FLAGS.model, buckets=buckets, cache=cache, max_model_len=FLAGS.max_model_len,
+        attention_impl=FLAGS.attention_impl,
+        scheduler=SchedulerConfig(policy=FLAGS.scheduler,
+                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens))
