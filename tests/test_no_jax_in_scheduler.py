@@ -9,7 +9,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-MODULES = ("fbjax.sched.vllm", "fbjax.sched.registry", "fbjax.engine.kv_cache", "fbjax.config")
+MODULES = ("fbjax.sched.vllm", "fbjax.sched.sarathi", "fbjax.sched.fairbatching",
+           "fbjax.sched.latency", "fbjax.sched.registry", "fbjax.engine.kv_cache",
+           "fbjax.config", "fbjax.traces", "fbjax.metrics", "fbjax.sim.simulator")
 
 PROBE = f"""
 import sys
