@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class BucketConfig:
     def max_tokens(self) -> int:
         return self.token_buckets[-1]
 
-    @property
+    @functools.cached_property
     def max_seqs(self) -> int:
         # The largest seq bucket in a compiled pair (pairs need seqs <= tokens).
         return max(s for s in self.seq_buckets if s <= self.token_buckets[-1])

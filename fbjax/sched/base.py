@@ -25,17 +25,28 @@ from fbjax.sched.request import Request, RequestStatus
 
 @dataclasses.dataclass
 class ScheduledChunk:
-    """``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count)."""
+    """``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count).
+
+    ``completes`` (the chunk reaches the end of the request's known tokens, so the step
+    samples its next token) and ``is_decode`` (one new token of a request that is
+    already generating) are fixed when the chunk is planned.
+    """
 
     request: Request
     num_tokens: int
     start: int
+    completes: bool = dataclasses.field(init=False)
+    is_decode: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.completes = self.start + self.num_tokens == self.request.num_tokens
+        self.is_decode = (self.num_tokens == 1 and self.completes
+                          and self.request.num_output_tokens > 0)
 
     @property
-    def completes(self) -> bool:
-        """True when this chunk reaches the end of the request's known tokens,
-        so the step samples the request's next token."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def kv_len(self) -> int:
+        """Context the chunk attends over, its own tokens included."""
+        return self.start + self.num_tokens
 
 
 @dataclasses.dataclass
@@ -153,6 +164,11 @@ class Scheduler(abc.ABC):
 
     # ----- helpers for policies ---------------------------------------------------
     def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request]) -> StepPlan:
+        """The plan of ``chunks``, less any whose request was preempted after being
+        scheduled (a victim is taken from the tail of the running list, which a policy
+        that reorders its candidates may already have scheduled)."""
+        if preempted:
+            chunks = [c for c in chunks if c.request.status is RequestStatus.RUNNING]
         num_tokens = sum(c.num_tokens for c in chunks)
         bucket = self.limits.buckets.pick(num_tokens, len(chunks)) if chunks else (0, 0)
         return StepPlan(bucket, chunks, preempted)

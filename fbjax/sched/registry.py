@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import Scheduler, StepLimits
+from fbjax.sched.fairbatching import FairBatchingConfig, FairBatchingScheduler
+from fbjax.sched.latency import LatencyModel
+from fbjax.sched.sarathi import SarathiScheduler
 from fbjax.sched.vllm import VLLMScheduler
 
-POLICIES: dict[str, type[Scheduler]] = {"vllm": VLLMScheduler}
+POLICIES = ("vllm", "sarathi", "fairbatching")
 
 
-def make_scheduler(policy: str, limits: StepLimits, kv: KVCacheManager) -> Scheduler:
-    try:
-        cls = POLICIES[policy]
-    except KeyError:
-        raise ValueError(
-            f"unknown scheduler {policy!r}; choose one of {sorted(POLICIES)}") from None
-    return cls(limits, kv)
+def make_scheduler(policy: str, limits: StepLimits, kv: KVCacheManager, *,
+                   latency: LatencyModel | None = None,
+                   fairbatching: FairBatchingConfig | None = None) -> Scheduler:
+    """Build the named policy; FairBatching needs a latency model."""
+    if policy == "vllm":
+        return VLLMScheduler(limits, kv)
+    if policy == "sarathi":
+        return SarathiScheduler(limits, kv)
+    if policy == "fairbatching":
+        if latency is None:
+            raise ValueError("the fairbatching scheduler needs a latency profile "
+                             "(a LatencyModel, e.g. from --profile)")
+        return FairBatchingScheduler(limits, kv, latency, fairbatching)
+    raise ValueError(f"unknown scheduler {policy!r}; choose one of {list(POLICIES)}")

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kernels.ragged_paged_attention.gpu import (
+    ragged_paged_attention as pallas_gpu_attention,
+)
 from kernels.ragged_paged_attention.reference import (
     ragged_paged_attention as reference_attention,
 )
 from kernels.ragged_paged_attention.reference import write_kv
 
 IMPLEMENTATIONS: dict[str, Callable] = {"reference": reference_attention}
+IMPLEMENTATIONS["pallas_gpu"] = pallas_gpu_attention
 
 
 def get_attention(impl: str) -> Callable:

@@ -1,0 +1,262 @@
+"""FairBatching (Lyu et al., arXiv 2510.14392): fair, adaptive batch formation.
+
+Three ideas, each switchable for ablation:
+
+1. **Deadline envelope, not TBT.** Output token ``j`` of a request is due at
+   ``arrival + ttft_slo`` for ``j = 0`` and, for ``j >= 1``, at
+   ``first_token_time + j * tpot_slo`` (``anchor="first_token"``, the default) or
+   ``arrival + ttft_slo + j * tpot_slo`` (``anchor="arrival"``, the paper's).
+   The envelope is monotonic: a request that ran ahead has banked slack it can lend
+   out. We default to the first-token anchor because an arrival anchor lets TTFT
+   slack leak into TPOT and breaks the vLLM-view TPOT SLO (DESIGN.md, "What a first
+   prototype showed"). ``max_decode_stall_s`` optionally caps how long a decode may be
+   skipped between two tokens, whatever its banked slack.
+2. **Adaptive capacity** (``adaptive_capacity``): each step gets a *time* budget
+   ``max(min over running decodes of slack, min tpot_slo)``: as large as possible
+   without making the most urgent decode late, never below one TPOT. The latency
+   model turns time into tokens. Without running decodes the step is bounded by the
+   largest bucket only. Off: a fixed token budget, like Sarathi.
+3. **Fair formation** (``fair_formation``): candidates in three groups: decodes that
+   cannot wait for another step (slack below budget + ``urgency_margin`` TPOTs), then
+   prefills by TTFT deadline (each takes the largest chunk that keeps the predicted
+   step time within budget), then decodes with slack to spare. A decode ahead of its
+   envelope thus yields its compute to a prefill burst; under uniform pressure every
+   decode is urgent and the order degrades to decode-first. Off: decode-first.
+
+**Forward progress.** If nothing fits the budget (e.g. an SLO tighter than the
+hardware), the most urgent candidate runs anyway with a minimal chunk, so a state
+with work never yields an empty step.
+
+**Load estimate** (``load_estimate``): the Prefill Admission Budget, in prompt
+tokens, that a router can still send within the TTFT SLO; see its docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.sched.base import ScheduledChunk, Scheduler, StepLimits, StepPlan
+from fbjax.sched.latency import LatencyModel, StepFeatures
+from fbjax.sched.request import Request, RequestStatus
+
+ANCHORS = ("first_token", "arrival")
+
+
+@dataclasses.dataclass(frozen=True)
+class FairBatchingConfig:
+    """Free constants of the policy, each with the reason for its default."""
+
+    # Defaults for requests that carry no SLO of their own (the DESIGN prototype's).
+    ttft_slo_s: float = 3.0
+    tpot_slo_s: float = 0.1
+    anchor: str = "first_token"
+    # A decode is urgent when its slack is below budget + margin * its TPOT: it could
+    # not absorb one more step of TPOT length after this one. One TPOT is the
+    # smallest margin that survives a latency-model error of a full step.
+    urgency_margin: float = 1.0
+    max_decode_stall_s: float | None = None
+    # Partial prefill chunks are rounded down to this many tokens, so a prompt is not
+    # cut into slivers that cost a whole step each; 16 is the smallest token bucket.
+    chunk_align: int = 16
+    # Horizon of the load estimate; None means the default TTFT SLO.
+    load_horizon_s: float | None = None
+    adaptive_capacity: bool = True
+    fair_formation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
+            raise ValueError("SLOs must be positive")
+        if self.max_decode_stall_s is not None and self.max_decode_stall_s <= 0:
+            raise ValueError("max_decode_stall_s must be positive")
+
+
+class FairBatchingScheduler(Scheduler):
+    name = "fairbatching"
+
+    def __init__(self, limits: StepLimits, kv: KVCacheManager, latency: LatencyModel,
+                 config: FairBatchingConfig | None = None) -> None:
+        super().__init__(limits, kv)
+        self.latency = latency
+        self.config = config or FairBatchingConfig()
+        missing = [b for b in limits.buckets.pairs() if b not in latency.coefficients]
+        if missing:
+            raise ValueError(f"latency model lacks buckets {missing[:4]}"
+                             f"{'...' if len(missing) > 4 else ''}; profile this bucket set")
+
+    # ----- deadlines ------------------------------------------------------------------
+    def ttft_slo(self, request: Request) -> float:
+        return request.ttft_slo if request.ttft_slo is not None else self.config.ttft_slo_s
+
+    def tpot_slo(self, request: Request) -> float:
+        return request.tpot_slo if request.tpot_slo is not None else self.config.tpot_slo_s
+
+    def due(self, request: Request) -> float:
+        """When the request's next output token is due under its envelope."""
+        j = request.num_output_tokens
+        if j == 0:
+            return request.arrival_time + self.ttft_slo(request)
+        if self.config.anchor == "arrival":
+            due = request.arrival_time + self.ttft_slo(request) + j * self.tpot_slo(request)
+        else:
+            due = request.token_times[0] + j * self.tpot_slo(request)
+        if self.config.max_decode_stall_s is not None:
+            due = min(due, request.token_times[-1] + self.config.max_decode_stall_s)
+        return due
+
+    def time_budget(self, decodes: list[Request], now: float) -> float:
+        if not decodes or not self.config.adaptive_capacity:
+            return math.inf
+        return max(min(self.due(r) for r in decodes) - now,
+                   min(self.tpot_slo(r) for r in decodes))
+
+    # ----- the step -------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        decodes = [r for r in self.running if r.num_remaining == 1 and r.num_output_tokens]
+        prefills = [r for r in self.running if not (r.num_remaining == 1 and r.num_output_tokens)]
+        prefills += self.waiting
+        budget = self.time_budget(decodes, now)
+        decodes.sort(key=self.due)
+        prefills.sort(key=self.due)
+        if self.config.fair_formation:
+            margin = self.config.urgency_margin
+            is_urgent = [self.due(r) - now < budget + margin * self.tpot_slo(r) for r in decodes]
+            urgent = [r for r, u in zip(decodes, is_urgent, strict=True) if u]
+            relaxed = [r for r, u in zip(decodes, is_urgent, strict=True) if not u]
+            order = [(r, True) for r in urgent] + [(r, False) for r in prefills] + [
+                (r, False) for r in relaxed]
+        else:
+            urgent = decodes
+            order = [(r, True) for r in decodes] + [(r, False) for r in prefills]
+        return self._form(order, budget, now)
+
+    def _form(self, order: list[tuple[Request, bool]], budget: float, now: float) -> StepPlan:
+        token_budget = self.limits.max_num_batched_tokens
+        max_seqs = self.limits.max_num_seqs
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+        feats = StepFeatures()
+        seen: set[str] = set()  # a request preempted in this step must not come back in it
+        prefills_open = True  # EDF: once a prefill does not fit, later ones wait too
+        admitting = True  # FCFS admission stops at the first prompt the pool cannot hold
+
+        for request, must_run in order:
+            if len(chunks) >= max_seqs:
+                break
+            if request.request_id in seen or (preempted and request in preempted):
+                continue
+            seen.add(request.request_id)
+            decode = request.num_remaining == 1 and request.num_output_tokens > 0
+            start = request.num_computed_tokens
+            if decode:
+                cand = feats.with_chunk(1, start + 1, True)
+                if not must_run and not self._fits(cand, budget):
+                    continue
+                num = 1
+            else:
+                if not prefills_open:
+                    continue
+                num = self._largest_chunk(feats, request, budget, token_budget - feats.num_tokens)
+                if num == 0:
+                    prefills_open = False
+                    continue
+                cand = feats.with_chunk(num, start + num, False)
+            if cand.num_tokens > token_budget:
+                continue
+            if request.status is RequestStatus.WAITING:
+                if not admitting or not self.kv.ensure(request.request_id, start + num):
+                    admitting = False
+                    continue
+                self.admit(request, now)
+            elif not self._allocate_or_preempt(request, num, preempted):
+                continue
+            chunks.append(ScheduledChunk(request, num, start))
+            feats = cand
+
+        if not chunks and not preempted and self.has_unfinished():
+            chunks = self._force_progress(now)
+        return self.make_plan(chunks, preempted)
+
+    def _fits(self, feats: StepFeatures, budget: float) -> bool:
+        if (feats.num_tokens > self.limits.max_num_batched_tokens
+                or feats.num_seqs > self.limits.max_num_seqs):
+            return False
+        if math.isinf(budget):
+            return True
+        bucket = self.limits.buckets.pick(feats.num_tokens, feats.num_seqs)
+        return self.latency.predict(bucket, feats) <= budget
+
+    def _largest_chunk(self, feats: StepFeatures, request: Request, budget: float,
+                       room: int) -> int:
+        """Largest chunk of ``request``'s prompt keeping the step within budget."""
+        most = min(request.num_remaining, room)
+        if most <= 0 or feats.num_seqs >= self.limits.max_num_seqs:
+            return 0
+        start = request.num_computed_tokens
+
+        def fits(n: int) -> bool:
+            return self._fits(feats.with_chunk(n, start + n, False), budget)
+
+        if fits(most):
+            return most
+        lo, hi = 0, most  # fits(lo) or lo == 0; not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        align = self.config.chunk_align
+        return lo - lo % align if lo >= align else lo
+
+    def _force_progress(self, now: float) -> list[ScheduledChunk]:
+        """Nothing fit the budget: run the most urgent request alone, minimally."""
+        candidates = sorted(self.running + list(self.waiting), key=self.due)
+        for request in candidates:
+            num = 1 if request.num_remaining == 1 else min(
+                request.num_remaining, self.config.chunk_align, self.limits.max_num_batched_tokens)
+            start = request.num_computed_tokens
+            if request.status is RequestStatus.WAITING:
+                if not self.kv.ensure(request.request_id, start + num):
+                    continue
+                self.admit(request, now)
+            elif not self.kv.ensure(request.request_id, start + num):
+                continue
+            return [ScheduledChunk(request, num, start)]
+        return []
+
+    # ----- load estimate --------------------------------------------------------------
+    def load_estimate(self, now: float) -> dict[str, float]:
+        """Prefill Admission Budget (PAB): prompt tokens this instance can still start
+        within the TTFT SLO over the next ``load_horizon_s``.
+
+        Over the horizon H, the running decodes must keep pace with their envelopes:
+        at least one decode step per ``min tpot`` (cost from the latency model). The
+        time left goes to prefill at the largest bucket's throughput; queued prompt
+        tokens (waiting and partially prefilled) are served first; what remains is the
+        budget a router may fill. Negative means overloaded by that many tokens.
+        """
+        horizon = self.config.load_horizon_s or self.config.ttft_slo_s
+        decodes = [r for r in self.running if r.num_remaining == 1 and r.num_output_tokens]
+        decode_time = 0.0
+        if decodes:
+            feats = StepFeatures.of_chunks((1, r.num_tokens, True) for r in decodes)
+            bucket = self.limits.buckets.pick(min(feats.num_tokens,
+                                                  self.limits.max_num_batched_tokens),
+                                              min(feats.num_seqs, self.limits.max_num_seqs))
+            steps = horizon / min(self.tpot_slo(r) for r in decodes)
+            decode_time = min(horizon, steps * self.latency.predict(bucket, feats))
+        full_tokens = self.limits.max_num_batched_tokens
+        full = StepFeatures.of_chunks([(full_tokens, full_tokens, False)])
+        full_bucket = self.limits.buckets.pick(full_tokens, 1)
+        prefill_rate = full_tokens / self.latency.predict(full_bucket, full)
+        queued = sum(r.num_remaining for r in self.running if r.num_remaining > 1)
+        queued += sum(r.num_remaining for r in self.waiting)
+        capacity = (horizon - decode_time) * prefill_rate
+        return {"prefill_admission_budget": capacity - queued, "horizon_s": horizon,
+                "decode_time_s": decode_time, "queued_prefill_tokens": float(queued),
+                "prefill_tokens_per_s": prefill_rate, "num_running": float(len(self.running)),
+                "num_waiting": float(len(self.waiting))}

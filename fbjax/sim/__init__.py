@@ -1,0 +1,1 @@
+"""Discrete-event simulation of serving instances driven by the real schedulers."""

@@ -1,0 +1,92 @@
+"""One simulated experiment: a trace through one policy on one profile, summarized.
+
+Shared by ``python -m fbjax.replay`` and the benchmark scripts, so every figure is
+computed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from fbjax.metrics import (
+    BenchmarkSummary,
+    CapacityResult,
+    PrefillDecodeShare,
+    RequestMetrics,
+    capacity_search,
+    prefill_decode_share,
+    summarize,
+)
+from fbjax.sim.instance import PolicySpec, Profile, build_scheduler
+from fbjax.sim.simulator import SimRequest, SimResult, Simulator
+from fbjax.traces import Trace
+
+
+@dataclasses.dataclass(frozen=True)
+class SLO:
+    ttft_s: float
+    tpot_s: float
+
+    def describe(self) -> str:
+        return f"TTFT <= {self.ttft_s * 1e3:.0f} ms, TPOT <= {self.tpot_s * 1e3:.0f} ms"
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one simulated run produced."""
+
+    policy: str
+    rate_scale: float
+    summary: BenchmarkSummary
+    records: list[RequestMetrics]
+    share: PrefillDecodeShare
+    result: SimResult
+    num_skipped: int  # requests that could never fit the instance's KV pool
+
+
+def sim_requests(trace: Trace, slo: SLO, kv_capacity_tokens: int) -> tuple[list[SimRequest], int]:
+    """The trace as simulator requests; those larger than the whole KV pool are dropped
+    (and counted) since no instance of this size could ever serve them."""
+    out, skipped = [], 0
+    for r in trace:
+        output = max(1, r.output_len)
+        if r.prompt_len + output > kv_capacity_tokens:
+            skipped += 1
+            continue
+        out.append(SimRequest(r.arrival_s, r.prompt_len, output, slo.ttft_s, slo.tpot_s))
+    return out, skipped
+
+
+def simulate(trace: Trace, spec: PolicySpec, profile: Profile, slo: SLO, *,
+             rate_scale: float = 1.0, noise: float = 0.0, seed: int = 0,
+             envelope_anchor: str = "first_token",
+             on_progress: Callable[[int, int], None] | None = None) -> Outcome:
+    scheduler = build_scheduler(spec, profile)
+    requests, skipped = sim_requests(trace.scaled(rate_scale), slo, profile.kv_capacity_tokens)
+    result = Simulator(scheduler, profile.latency, noise=noise, seed=seed,
+                       on_progress=on_progress).run(requests)
+    records = [RequestMetrics.from_request(r) for r in result.requests]
+    first = min((r.arrival_time for r in result.requests), default=0.0)
+    summary = summarize(records, max(result.end_time - first, 1e-9), ttft_slo=slo.ttft_s,
+                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor)
+    share = prefill_decode_share(
+        (s.duration, s.prefill_tokens, s.decode_tokens, s.waiting_prefill, s.waiting_decode)
+        for s in result.steps)
+    return Outcome(spec.name, rate_scale, summary, records, share, result, skipped)
+
+
+def capacity(trace: Trace, spec: PolicySpec, profile: Profile, slo: SLO, *,
+             target: float = 0.99, noise: float = 0.0, seed: int = 0, tol: float = 0.02,
+             lo: float = 0.25, hi: float = 2.0,
+             on_point: Callable[[float, float], None] | None = None) -> CapacityResult:
+    """Highest rate scale of ``trace`` at which SLO attainment stays >= ``target``."""
+
+    def attainment(scale: float) -> float:
+        outcome = simulate(trace, spec, profile, slo, rate_scale=scale, noise=noise, seed=seed)
+        value = outcome.summary.slo_attainment or 0.0
+        if on_point is not None:
+            on_point(scale, value)
+        return value
+
+    return capacity_search(attainment, target=target, lo=lo, hi=hi, tol=tol)

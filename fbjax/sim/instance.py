@@ -1,0 +1,119 @@
+"""Build a simulated serving instance from a profile: buckets, KV pool, scheduler.
+
+A profile (``configs/profiles/<device>-<model>.json``) is a LatencyModel whose metadata
+also names its bucket ladders and the KV capacity of the device it describes, so a
+simulated instance has the same step shapes and memory as the real one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fbjax.config import CONFIGS_DIR, BucketConfig
+from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.sched.base import Scheduler, StepLimits
+from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.latency import LatencyModel, StepFeatures
+from fbjax.sched.registry import make_scheduler
+from fbjax.sched.sarathi import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SEQS
+
+PROFILES_DIR = CONFIGS_DIR / "profiles"
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclasses.dataclass
+class Profile:
+    name: str
+    latency: LatencyModel
+    buckets: BucketConfig
+    kv_capacity_tokens: int
+    page_size: int = DEFAULT_PAGE_SIZE
+
+
+def resolve_profile(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = PROFILES_DIR / f"{name_or_path}.json"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+    raise ValueError(f"profile not found: {name_or_path} (known profiles: {known})")
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A profile by path or by name in configs/profiles (e.g. ``a100-llama3-8b``)."""
+    path = resolve_profile(name_or_path)
+    latency = LatencyModel.load(path)
+    meta = latency.metadata
+    if "token_buckets" in meta:
+        buckets = BucketConfig(tuple(meta["token_buckets"]), tuple(meta["seq_buckets"]))
+    else:  # a profile of the engine: its buckets are the ones it measured
+        tokens = sorted({t for t, _ in latency.buckets})
+        seqs = sorted({s for _, s in latency.buckets})
+        buckets = BucketConfig(tuple(tokens), tuple(seqs))
+    if "kv_capacity_tokens" not in meta:
+        raise ValueError(f"{path}: profile metadata lacks 'kv_capacity_tokens'")
+    return Profile(path.stem, latency, buckets, int(meta["kv_capacity_tokens"]),
+                   int(meta.get("page_size", DEFAULT_PAGE_SIZE)))
+
+
+def worst_case_step_time(latency: LatencyModel, buckets: BucketConfig, tokens: int,
+                         max_seqs: int, context: int) -> float:
+    """Predicted time of the heaviest step a fixed ``tokens`` budget admits: half its
+    sequence slots as decodes at ``context``, the rest of the tokens one prompt chunk
+    after a ``context``-long prefix (Sarathi must budget for this, not the average)."""
+    decodes = min(max_seqs - 1, tokens // 2)
+    feats = StepFeatures()
+    for _ in range(decodes):
+        feats.add(1, context, True)
+    if tokens - decodes > 0:
+        feats.add(tokens - decodes, context + tokens - decodes, False)
+    return latency.predict(buckets.pick(feats.num_tokens, feats.num_seqs), feats)
+
+
+def deployed_chunk_size(latency: LatencyModel, buckets: BucketConfig, tpot_slo_s: float,
+                        context: int, max_seqs: int = DEFAULT_MAX_SEQS) -> int:
+    """Sarathi "as deployed": the largest token bucket whose worst-case step time still
+    meets the TPOT SLO (the smallest bucket if none does)."""
+    best = buckets.token_buckets[0]
+    for tokens in buckets.token_buckets:
+        seqs = min(max_seqs, buckets.max_seqs)
+        if worst_case_step_time(latency, buckets, tokens, seqs, context) <= tpot_slo_s:
+            best = tokens
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """A policy and its knobs, as a benchmark row names it."""
+
+    policy: str  # vllm | sarathi | fairbatching
+    token_budget: int | None = None  # vllm / sarathi chunk size
+    max_seqs: int | None = None
+    fairbatching: FairBatchingConfig | None = None
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        if self.token_budget:
+            return f"{self.policy}-{self.token_budget}"
+        return self.policy
+
+
+def build_scheduler(spec: PolicySpec, profile: Profile,
+                    kv_capacity_tokens: int | None = None) -> Scheduler:
+    """A fresh scheduler with its own KV pool, as one instance would have."""
+    capacity = kv_capacity_tokens or profile.kv_capacity_tokens
+    kv = KVCacheManager(max(1, capacity // profile.page_size), profile.page_size)
+    if spec.policy == "sarathi":
+        budget = spec.token_budget or DEFAULT_CHUNK_SIZE
+        limits = StepLimits.from_buckets(profile.buckets, budget,
+                                         spec.max_seqs or DEFAULT_MAX_SEQS)
+    else:
+        limits = StepLimits.from_buckets(profile.buckets, spec.token_budget, spec.max_seqs)
+    return make_scheduler(spec.policy, limits, kv, latency=profile.latency,
+                          fairbatching=spec.fairbatching)

@@ -1,0 +1,134 @@
+"""Discrete-event simulator of one serving instance.
+
+The scheduler objects are the engine's own; only the executor is virtual: each step
+lasts what the LatencyModel predicts for its plan (times an optional seeded noise
+factor) and produces placeholder tokens. Events are ordered by (time, kind, id) with
+scheduling last within a timestamp (as in Vidur): arrivals at time t are queued
+before the step that starts at t is formed. Identical inputs and seeds give identical
+token timestamps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+
+from fbjax.sched.base import Scheduler, StepPlan
+from fbjax.sched.latency import LatencyModel, StepFeatures
+from fbjax.sched.request import Request, SamplingParams
+
+PLACEHOLDER_TOKEN = 0
+
+
+class SimulationStalled(RuntimeError):
+    """The scheduler returned an empty plan with work pending and no arrival to wait for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SimRequest:
+    """What the simulator needs of a request; traces produce these."""
+
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    start: float
+    duration: float
+    bucket: tuple[int, int]
+    prefill_tokens: int
+    decode_tokens: int
+    waiting_prefill: bool  # a prompt was waiting or partly done when the step began
+    waiting_decode: bool  # a running request was ready to decode when the step began
+    num_preempted: int
+
+
+@dataclasses.dataclass
+class SimResult:
+    requests: list[Request]  # in arrival order, all finished
+    steps: list[StepRecord]
+    end_time: float
+
+
+def plan_features(plan: StepPlan) -> StepFeatures:
+    return StepFeatures.of_chunks((c.num_tokens, c.kv_len, c.is_decode) for c in plan.chunks)
+
+
+class Simulator:
+    """Runs a list of requests through ``scheduler`` with step times from ``latency``."""
+
+    def __init__(self, scheduler: Scheduler, latency: LatencyModel, *, noise: float = 0.0,
+                 seed: int = 0, max_steps: int = 50_000_000,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
+        if noise < 0:
+            raise ValueError("noise must be >= 0")
+        self.scheduler = scheduler
+        self.latency = latency
+        self.noise = noise
+        self.rng = random.Random(seed)
+        self.max_steps = max_steps
+        self.on_progress = on_progress
+
+    def step_time(self, plan: StepPlan) -> float:
+        seconds = self.latency.predict(plan.bucket, plan_features(plan))
+        if self.noise:
+            seconds *= max(0.05, self.rng.gauss(1.0, self.noise))
+        return seconds
+
+    def run(self, arrivals: Sequence[SimRequest]) -> SimResult:
+        order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
+        requests = [self._request(i, arrivals[i]) for i in order]
+        scheduler = self.scheduler
+        steps: list[StepRecord] = []
+        now = 0.0
+        nxt = 0
+        finished = 0
+        while nxt < len(requests) or scheduler.has_unfinished():
+            while nxt < len(requests) and requests[nxt].arrival_time <= now:
+                scheduler.add_request(requests[nxt])
+                nxt += 1
+            if not scheduler.has_unfinished():
+                now = requests[nxt].arrival_time
+                continue
+            waiting_prefill = bool(scheduler.waiting) or any(
+                r.num_remaining > 1 for r in scheduler.running)
+            waiting_decode = any(r.num_remaining == 1 for r in scheduler.running)
+            plan = scheduler.schedule(now)
+            if plan.is_empty:
+                if nxt < len(requests):
+                    now = requests[nxt].arrival_time
+                    continue
+                raise SimulationStalled(
+                    f"empty plan at t={now:.3f}s with {scheduler.num_running} running and "
+                    f"{scheduler.num_waiting} waiting requests and no arrival left")
+            duration = self.step_time(plan)
+            decode_tokens = sum(1 for c in plan.chunks if c.is_decode)
+            steps.append(StepRecord(now, duration, plan.bucket,
+                                    plan.num_tokens - decode_tokens, decode_tokens,
+                                    waiting_prefill, waiting_decode, len(plan.preempted)))
+            now += duration
+            sampled = {c.request.request_id: PLACEHOLDER_TOKEN
+                       for c in plan.chunks if c.completes}
+            finished += len(scheduler.on_step_done(plan, sampled, now))
+            if len(steps) >= self.max_steps:
+                raise SimulationStalled(f"no end after {self.max_steps} steps")
+            if self.on_progress is not None and len(steps) % 1000 == 0:
+                self.on_progress(finished, len(requests))
+        if self.on_progress is not None:
+            self.on_progress(finished, len(requests))
+        return SimResult(requests, steps, now)
+
+    @staticmethod
+    def _request(index: int, spec: SimRequest) -> Request:
+        if spec.prompt_len <= 0 or spec.output_len <= 0:
+            raise ValueError(f"request {index}: prompt_len and output_len must be positive, "
+                             f"got {spec.prompt_len} and {spec.output_len}")
+        return Request(f"sim-{index}", [], SamplingParams(max_tokens=spec.output_len,
+                                                          ignore_eos=True),
+                       spec.arrival_s, prompt_len=spec.prompt_len,
+                       ttft_slo=spec.ttft_slo, tpot_slo=spec.tpot_slo)
