@@ -18,15 +18,19 @@ The "truth" for a step on a GPU follows vidur's recipe (see
 
   - decode: ``a0 + a1 * kv_bytes`` where ``kv_bytes = sum(kv_len) * 2 (K, V) *
     kv_heads_per_gpu * head_dim * 2 B``;
-  - prefill: ``b0 + b1 * flops_prefix + b2 * flops_causal``, the attention FLOPs
-    (``4 * q_heads_per_gpu * head_dim`` per query-key pair) split into those against
-    the cached prefix (``q * prefix``) and the causal triangle of the chunk itself
-    (``q * (q + 1) / 2``). One FLOP slope (``b0 + b1 * flops``) leaves a size-dependent
-    bias (+16 % at 64-token chunks, -32 % at 4096; 19 % MAPE): the causal triangle runs
-    at a lower FLOP rate than the prefix part (masked diagonal blocks, uneven blocks,
-    fewer blocks to spread over the SMs). The split halves the error; both slopes are
-    FLOP rates, so they transfer as FLOPs do. vidur's own features are the same pair
-    (``kv_cache_size``, ``prefill_chunk_size**2``).
+  - prefill: ``b0 + b1 * flops_prefix + b2 * flops_causal + a1 * context_kv_bytes``:
+    the attention FLOPs (``4 * q_heads_per_gpu * head_dim`` per query-key pair) split
+    into those against the cached prefix (``q * prefix``) and the causal triangle of the
+    chunk itself (``q * (q + 1) / 2``), plus reading the chunk's whole context K/V once
+    at the decode fit's bandwidth (fixed, not fitted). One FLOP slope
+    (``b0 + b1 * flops``) leaves a size-dependent bias (+16 % at 64-token chunks, -32 %
+    at 4096; 20 % MAPE): the causal triangle runs at a lower FLOP rate than the prefix
+    part (masked diagonal blocks, uneven blocks, fewer blocks to spread over the SMs).
+    The split halves the error; both slopes are FLOP rates, so they transfer as FLOPs
+    do. vidur's own features are the same pair (``kv_cache_size``,
+    ``prefill_chunk_size**2``). The bytes term hardly matters on this GQA shape, but an
+    MHA model (Llama-2-7B: 8x the KV bytes per token) reading an 8K prefix for a short
+    chunk is bandwidth-bound, and a 1-token chunk should cost what a decode costs.
 
   To another model or device, bytes and FLOPs are recomputed with the target's per-GPU
   heads and head_dim, and the slopes scaled by the ratio of device peak figures
@@ -37,7 +41,14 @@ The "truth" for a step on a GPU follows vidur's recipe (see
   decode attention is multiplied by 1.1 for a batch of more than one under GQA, and
   prefill attention by 1.1 for more than one prefill under GQA. vidur's kv rounding to
   multiples of 64 and its mean-kv / sqrt-sum-of-squares aggregation are not copied:
-  bytes and FLOPs simply add up over chunks.
+  bytes and FLOPs simply add up over chunks. One deliberate departure: vidur charges a
+  mixed step a prefill *and* a decode kernel, each with its fixed floor (``a0``,
+  ``b0``); fbjax runs one ragged kernel over the mixed batch, so by default
+  (``attention_kernels="ragged"``) a mixed step pays one floor, ``max(a0, b0)``. Pure
+  decode and pure prefill steps are unaffected; ``"split"`` restores vidur's sum.
+  Besides being what the engine does, it matters for the fit: two step-level on/off
+  floors are not expressible in the per-bucket linear features and made neighbouring
+  small buckets disagree by up to 1 ms on H100.
 * **TP > 1:** two all-reduces per layer from ``network/<node>/all_reduce.csv``
   (median, linear in message size ``tokens * hidden * 2 B``) plus vidur's 0.02 ms NCCL
   launch overhead each.
@@ -55,18 +66,18 @@ The "truth" for a step on a GPU follows vidur's recipe (see
 
 Then many synthetic step plans per bucket (decodes with contexts up to ``max_context``,
 prefill chunks with prefixes, mixes; total KV within the device's capacity) are timed
-with that recipe and an fbjax ``LatencyModel`` is fitted on them. Its metadata says
-what was measured and what was modelled, with the calibration errors.
+with that recipe and an fbjax ``LatencyModel`` is fitted on them (``fit_bucketed``:
+NNLS per token bucket, so that a larger bucket never predicts less for the same
+contents). Its metadata says what was measured and what was modelled, with the
+calibration and fit errors; ``scripts/build_gpu_profiles.py`` writes the JSON files.
 
 Pure Python + numpy.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
 import dataclasses
-import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -83,18 +94,19 @@ VIDUR_COMMIT = "7d47513363ec447a741ac5e47241580b47724fbf"  # compute/ and networ
 VIDUR_LEGACY_COMMIT = "e2d00e9afba96cec9f0e7ea560bbfc4a539fae6a"  # legacy/a100/attention.csv
 VIDUR_LICENSE = "MIT, Copyright (c) Microsoft Corporation"
 
-# Device facts: peak HBM bandwidth, dense (no sparsity) bf16 tensor throughput, memory.
-# Bandwidth TB/s = 1e12 B/s. A100: the 80 GB SXM part (2,039 GB/s; the README's
-# worked numbers and the legacy attention sweep reach 1.6 TB/s effective, above the
-# 40 GB part's 1,555 GB/s peak, so it is an 80 GB A100).
+# Device facts: peak memory bandwidth (TB/s = 1e12 B/s), dense (no sparsity) bf16
+# tensor throughput, memory in GiB (an "80GB" A100 shows 81920 MiB in nvidia-smi; an
+# A40 with ECC on shows 46068 MiB, so 48 overstates it by 4 %). A100 means the 80 GB
+# SXM part: the legacy attention sweep reads KV at 1.56 TB/s effective, which the 40 GB
+# part (1.555 TB/s peak) could not.
 DEVICES: dict[str, dict[str, Any]] = {
-    "a100": {"hbm_tb_s": 2.0, "bf16_tflop_s": 312.0, "memory_gb": 80.0,
+    "a100": {"hbm_tb_s": 2.0, "bf16_tflop_s": 312.0, "memory_gib": 80.0,
              "source": "NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: 2,039 GB/s "
                        "HBM2e, 312 TFLOPS dense BF16)"},
-    "h100": {"hbm_tb_s": 3.35, "bf16_tflop_s": 989.0, "memory_gb": 80.0,
+    "h100": {"hbm_tb_s": 3.35, "bf16_tflop_s": 989.0, "memory_gib": 80.0,
              "source": "NVIDIA H100 Tensor Core GPU datasheet (H100 SXM 80GB: 3.35 TB/s "
                        "HBM3, 989 TFLOPS dense BF16 = 1,979 with sparsity / 2)"},
-    "a40": {"hbm_tb_s": 0.696, "bf16_tflop_s": 150.0, "memory_gb": 48.0,
+    "a40": {"hbm_tb_s": 0.696, "bf16_tflop_s": 150.0, "memory_gib": 48.0,
             "source": "NVIDIA A40 datasheet (696 GB/s GDDR6, 149.7 TFLOPS dense BF16 = "
                       "299.4 with sparsity / 2)"},
 }
@@ -257,7 +269,8 @@ class AttentionCalibration:
             "decode_ms": {"formula": "a0 + a1 * kv_bytes", "a0_ms": a0, "a1_ms_per_byte": a1,
                           "effective_tb_s": 1e-9 / a1,
                           "fit_error": self.decode_error, "rows": self.num_decode_rows},
-            "prefill_ms": {"formula": "b0 + b1 * flops_prefix + b2 * flops_causal",
+            "prefill_ms": {"formula": "b0 + b1 * flops_prefix + b2 * flops_causal + "
+                                      "a1 * context_kv_bytes",
                            "b0_ms": b0, "b1_ms_per_flop": b1, "b2_ms_per_flop": b2,
                            "effective_tflop_s_prefix": 1e-9 / b1,
                            "effective_tflop_s_causal": 1e-9 / b2,
@@ -267,12 +280,14 @@ class AttentionCalibration:
         }
 
 
-def _relative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """Least squares on relative error; every coefficient must come out positive."""
-    coef = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)[0]
+def _relative_lstsq(x: np.ndarray, y: np.ndarray, fixed: np.ndarray | float = 0.0
+                    ) -> tuple[np.ndarray, dict[str, float]]:
+    """Least squares on relative error of ``x @ coef + fixed`` against ``y``; every
+    coefficient must come out positive."""
+    coef = np.linalg.lstsq(x / y[:, None], (y - fixed) / y, rcond=None)[0]
     if (coef <= 0).any():
         raise ValueError(f"attention calibration gave a non-positive coefficient {coef}")
-    ape = np.abs(x @ coef - y) / y
+    ape = np.abs(x @ coef + fixed - y) / y
     return coef, {"mape": float(ape.mean()), "p95_ape": float(np.percentile(ape, 95)),
                   "max_ape": float(ape.max())}
 
@@ -305,9 +320,17 @@ def calibrate_attention(path: str | Path) -> AttentionCalibration:
     yp = np.array([float(r["time_stats.attn_prefill.median"]) for r in prefill])
     f_prefix, f_causal = prefill_flops(chunk, prefix, shape["q_heads_per_gpu"],
                                        shape["head_dim"])
+    # Every chunk also reads its context's K/V once, as a decode does: that part is
+    # charged at the decode fit's bandwidth and the FLOP terms are fitted on the rest.
+    # On this GQA shape it is small (5 % of a 64-token chunk after 4K tokens), but for
+    # an MHA model (8x the KV bytes per token) a short chunk after a long prefix is
+    # bound by those bytes, not by FLOPs.
+    ctx_ms = dec_coef[1] * decode_kv_bytes(prefix + chunk, shape["kv_heads_per_gpu"],
+                                           shape["head_dim"])
     pre_coef, pre_err = _relative_lstsq(np.stack([np.ones_like(yp), f_prefix, f_causal], 1),
-                                        yp)
-    _, single_err = _relative_lstsq(np.stack([np.ones_like(yp), f_prefix + f_causal], 1), yp)
+                                        yp, ctx_ms)
+    _, single_err = _relative_lstsq(np.stack([np.ones_like(yp), f_prefix + f_causal], 1), yp,
+                                    ctx_ms)
     return AttentionCalibration(
         decode=(float(dec_coef[0]), float(dec_coef[1])),
         prefill=(float(pre_coef[0]), float(pre_coef[1]), float(pre_coef[2])),
@@ -354,10 +377,14 @@ class GpuRecipe:
     all_reduce: AllReduce | None = None
     include_lm_head: bool = True
     include_emb: bool = True
+    attention_kernels: str = "ragged"  # or "split" (vidur); see attention_ms
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES or self.model not in MODELS:
             raise ValueError(f"unknown device/model {self.device}/{self.model}")
+        if self.attention_kernels not in ("ragged", "split"):
+            raise ValueError(f"attention_kernels must be 'ragged' or 'split', "
+                             f"got {self.attention_kernels!r}")
         if self.tp > 1 and self.all_reduce is None:
             raise ValueError("TP > 1 needs an all_reduce profile")
         shape = MODELS[self.model]
@@ -369,6 +396,7 @@ class GpuRecipe:
         ref, dev = DEVICES[CALIBRATION_DEVICE], DEVICES[self.device]
         self.bandwidth_ratio = ref["hbm_tb_s"] / dev["hbm_tb_s"]  # time multiplier
         self.flops_ratio = ref["bf16_tflop_s"] / dev["bf16_tflop_s"]
+        self._padded: dict[tuple[tuple[int, int], bool], float] = {}
 
     @classmethod
     def from_shared(cls, device: str, model: str, shared: str | Path | None = None,
@@ -384,21 +412,30 @@ class GpuRecipe:
         return cls(device, model, tp, linear, attention, all_reduce, **kwargs)
 
     # per layer, ms
-    def decode_attention_ms(self, kv_lens: Sequence[int]) -> float:
+    def decode_attention_ms(self, kv_lens: Sequence[int], floor: bool = True) -> float:
+        """Decode attention over ``kv_lens`` (one per sequence), ms per layer; without
+        the kernel's fixed floor ``a0`` when ``floor`` is False."""
         if not len(kv_lens):
             return 0.0
         a0, a1 = self.attention.decode
         kv_bytes = decode_kv_bytes(float(np.sum(kv_lens)), self.kv_heads, self.head_dim)
-        ms = a0 + a1 * kv_bytes * self.bandwidth_ratio
+        ms = a0 * floor + a1 * kv_bytes * self.bandwidth_ratio
         return ms * (1 + GQA_BATCHING_OVERHEAD) if self.gqa and len(kv_lens) > 1 else ms
 
-    def prefill_attention_ms(self, q_lens: Sequence[int], prefixes: Sequence[int]) -> float:
+    def prefill_attention_ms(self, q_lens: Sequence[int], prefixes: Sequence[int],
+                             floor: bool = True) -> float:
+        """Prefill attention of chunks of ``q_lens`` new tokens after ``prefixes`` cached
+        ones, ms per layer; without the kernel's fixed floor ``b0`` when ``floor`` is
+        False."""
         if not len(q_lens):
             return 0.0
         b0, b1, b2 = self.attention.prefill
         f_prefix, f_causal = prefill_flops(np.asarray(q_lens), np.asarray(prefixes),
                                            self.q_heads, self.head_dim)
-        ms = b0 + (b1 * f_prefix.sum() + b2 * f_causal.sum()) * self.flops_ratio
+        ctx_bytes = decode_kv_bytes(float(np.sum(q_lens) + np.sum(prefixes)), self.kv_heads,
+                                    self.head_dim)
+        ms = (b0 * floor + (b1 * f_prefix.sum() + b2 * f_causal.sum()) * self.flops_ratio
+              + self.attention.decode[1] * ctx_bytes * self.bandwidth_ratio)
         return ms * (1 + GQA_BATCHING_OVERHEAD) if self.gqa and len(q_lens) > 1 else ms
 
     def all_reduce_ms(self, tokens: int) -> float:
@@ -406,38 +443,80 @@ class GpuRecipe:
             return 0.0
         return self.all_reduce.time_ms(tokens * MODELS[self.model]["hidden_size"] * 2)
 
+    def attention_ms(self, chunks: Sequence[Chunk]) -> float:
+        """One layer's attention on the step's contents, ms.
+
+        ``attention_kernels="split"`` is vidur's recipe: a mixed step runs a prefill and
+        a decode kernel and pays both, floors included. ``"ragged"`` (the default) is
+        fbjax's engine, which runs one ragged paged-attention kernel over the whole
+        mixed batch: the same per-kind work, but one fixed floor, the larger of the
+        kinds present. Pure decode and pure prefill steps cost the same either way; a
+        mixed step costs the smaller floor (``a0`` = 13 us, times vidur's GQA factor
+        where it applies) per layer less with one kernel.
+        """
+        dec = [kv for _, kv, is_dec in chunks if is_dec]
+        q_lens = [q for q, _, is_dec in chunks if not is_dec]
+        prefixes = [kv - q for q, kv, is_dec in chunks if not is_dec]
+        ms = self.decode_attention_ms(dec) + self.prefill_attention_ms(q_lens, prefixes)
+        if self.attention_kernels == "split" or not (dec and q_lens):
+            return ms
+        decode_floor = self.decode_attention_ms(dec) - self.decode_attention_ms(dec, False)
+        prefill_floor = (self.prefill_attention_ms(q_lens, prefixes)
+                         - self.prefill_attention_ms(q_lens, prefixes, False))
+        return ms - min(decode_floor, prefill_floor)
+
     def layer_ms(self, bucket_tokens: int, chunks: Sequence[Chunk]) -> dict[str, float]:
         """One layer's parts, ms: linear ops at the bucket's tokens, attention on the
         contents, two all-reduces of the bucket's activations."""
-        dec = [kv for _, kv, is_dec in chunks if is_dec]
-        pre = [(q, kv - q) for q, kv, is_dec in chunks if not is_dec]
         return {"linear": self.linear.layer_ms(bucket_tokens),
-                "attn_decode": self.decode_attention_ms(dec),
-                "attn_prefill": self.prefill_attention_ms([q for q, _ in pre],
-                                                          [p for _, p in pre]),
+                "attention": self.attention_ms(chunks),
                 "all_reduce": 2 * self.all_reduce_ms(bucket_tokens)}
 
     def lm_head_ms(self, rows: int) -> float:
+        """LM head GEMM on ``rows`` logit rows, from the measured ``mlp_up_proj`` (its
+        running maximum over the grid, so that more rows never cost less)."""
         shape = MODELS[self.model]
-        return (self.linear.op_ms("mlp_up_proj", rows) * shape["vocab_size"]
-                / (2 * shape["intermediate_size"] / self.tp))
+        grid = self.linear.num_tokens
+        up = max(self.linear.op_ms("mlp_up_proj", r) for r in [rows, *grid[grid < rows]])
+        return up * shape["vocab_size"] / (2 * shape["intermediate_size"] / self.tp)
 
-    def step_ms(self, bucket: tuple[int, int], chunks: Sequence[Chunk]) -> float:
-        tokens, seqs = bucket
-        ms = self.num_layers * sum(self.layer_ms(tokens, chunks).values())
-        if self.include_emb:
-            ms += self.linear.op_ms("emb", tokens)
-        if self.include_lm_head:
-            ms += self.lm_head_ms(seqs)
-        return ms
+    def padded_ms(self, bucket: tuple[int, int], lm_head: bool = True) -> float:
+        """What the step pays for its bucket whatever it holds: linear ops and
+        all-reduces of every layer, embedding, LM head (``lm_head``)."""
+        key = (bucket, lm_head)
+        if key not in self._padded:
+            tokens, seqs = bucket
+            ms = self.num_layers * (self.linear.layer_ms(tokens) + 2 * self.all_reduce_ms(tokens))
+            if self.include_emb:
+                ms += self.linear.op_ms("emb", tokens)
+            if self.include_lm_head and lm_head:
+                ms += self.lm_head_ms(seqs)
+            self._padded[key] = ms
+        return self._padded[key]
+
+    def step_ms(self, bucket: tuple[int, int], chunks: Sequence[Chunk],
+                lm_head: bool = True) -> float:
+        return self.padded_ms(bucket, lm_head) + self.num_layers * self.attention_ms(chunks)
 
     def step_seconds(self, bucket: tuple[int, int], chunks: Sequence[Chunk]) -> float:
         return self.step_ms(bucket, chunks) / 1e3
 
+    def vidur_iteration_ms(self, chunks: Sequence[Chunk]) -> float:
+        """vidur's own iteration time for these contents, for comparison: no padding
+        (linear ops and all-reduces at the step's token count), split attention
+        kernels, no embedding or LM head."""
+        tokens = sum(q for q, _, _ in chunks)
+        dec = [kv for _, kv, is_dec in chunks if is_dec]
+        q_lens = [q for q, _, is_dec in chunks if not is_dec]
+        prefixes = [kv - q for q, kv, is_dec in chunks if not is_dec]
+        attention = self.decode_attention_ms(dec) + self.prefill_attention_ms(q_lens, prefixes)
+        return self.num_layers * (self.linear.layer_ms(tokens) + attention
+                                  + 2 * self.all_reduce_ms(tokens))
+
     def kv_capacity_tokens(self, memory_utilization: float = 0.9) -> int:
         shape = MODELS[self.model]
         return kv_cache_tokens(shape["num_layers"], shape["num_kv_heads"], shape["head_dim"],
-                               shape["num_params"], DEVICES[self.device]["memory_gb"],
+                               shape["num_params"], DEVICES[self.device]["memory_gib"],
                                tp=self.tp, memory_utilization=memory_utilization)
 
 
@@ -467,8 +546,11 @@ def synthetic_plans(bucket: tuple[int, int], buckets: BucketConfig, num: int,
     plans: list[list[Chunk]] = []
     while len(plans) < num:
         n = int(rng.integers(lo_seqs, hi_seqs + 1))
-        tokens = int(rng.integers(max(lo_tokens, n), t + 1))
         kind = rng.choice(["decode", "prefill", "mixed"], p=[0.25, 0.25, 0.5])
+        if kind == "decode" and n >= lo_tokens:  # pure decode steps: one token each
+            tokens = n
+        else:
+            tokens = int(rng.integers(max(lo_tokens, n), t + 1))
         if tokens == n:
             num_pre = 0  # only decodes have one token each
         elif kind == "prefill" or n == 1:
@@ -498,98 +580,180 @@ def synthetic_plans(bucket: tuple[int, int], buckets: BucketConfig, num: int,
 
 
 # ----- building a profile -----------------------------------------------------------------
-def _measured_point_errors(recipe: GpuRecipe, model: LatencyModel,
+def _grid_point_errors(recipe: GpuRecipe, model: LatencyModel,
                            buckets: BucketConfig) -> dict[str, Any]:
-    """The fitted model against the recipe on the measured grids: pure prefill at each
-    measured ``num_tokens`` (mlp.csv) and pure decode at each (batch, kv) of the legacy
-    attention sweep. ``fit`` compares with the recipe on the same (padded) bucket;
-    ``vs_unpadded`` with vidur's unpadded iteration (linear ops at the exact tokens)."""
+    """The fitted model on grid steps: one prefill chunk (no prefix) of each measured
+    ``num_tokens`` of mlp.csv, and pure decode batches (1 to 256 sequences, kv 128 to
+    8192, within the KV capacity). ``fit``: against the recipe on the same padded
+    bucket (the regression's own error). ``vs_vidur``: against vidur's unpadded
+    iteration (linear ops at the exact token count, split attention kernels, no
+    embedding or LM head), i.e. what padding to buckets and the LM head add."""
     out: dict[str, Any] = {}
-    cases: dict[str, list[tuple[tuple[int, int], list[Chunk], int]]] = {"prefill": [],
-                                                                         "decode": []}
-    for n in recipe.linear.num_tokens:
-        n = int(n)
-        if n <= buckets.max_tokens:
-            cases["prefill"].append((buckets.pick(n, 1), [(n, n, False)], n))
-    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        for kv in (128, 512, 1024, 2048, 4096, 8192):
-            if b <= buckets.max_seqs and b * kv <= recipe.kv_capacity_tokens():
-                cases["decode"].append((buckets.pick(b, b), [(1, kv, True)] * b, b))
-    for kind, rows in cases.items():
-        pred, fit_true, raw_true = [], [], []
-        for bucket, chunks, n in rows:
-            pred.append(model.predict(bucket, StepFeatures.of_chunks(chunks)))
-            fit_true.append(recipe.step_seconds(bucket, chunks))
-            raw_true.append(recipe.step_seconds((n, n), chunks))
-        fit = _errors(list(zip(pred, fit_true, strict=True)))
-        raw = _errors(list(zip(pred, raw_true, strict=True)))
-        out[kind] = {"num_points": len(rows),
+    cases: dict[str, list[list[Chunk]]] = {
+        "prefill": [[(int(n), int(n), False)] for n in recipe.linear.num_tokens
+                    if n <= buckets.max_tokens],
+        "decode": [[(1, kv, True)] * b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                   for kv in (128, 512, 1024, 2048, 4096, 8192)
+                   if b <= buckets.max_seqs and b * kv <= recipe.kv_capacity_tokens()]}
+    for kind, plans in cases.items():
+        pred, padded, vidur = [], [], []
+        for chunks in plans:
+            feats = StepFeatures.of_chunks(chunks)
+            bucket = buckets.pick(feats.num_tokens, feats.num_seqs)
+            pred.append(model.predict(bucket, feats))
+            padded.append(recipe.step_seconds(bucket, chunks))
+            vidur.append(recipe.vidur_iteration_ms(chunks) / 1e3)
+        fit = _errors(list(zip(pred, padded, strict=True)))
+        raw = _errors(list(zip(pred, vidur, strict=True)))
+        out[kind] = {"num_points": len(plans),
                      "fit": {"mape": fit.mape, "p95_abs_ms": fit.p95_abs_ms},
-                     "vs_unpadded": {"mape": raw.mape, "p95_abs_ms": raw.p95_abs_ms}}
+                     "vs_vidur": {"mape": raw.mape, "p95_abs_ms": raw.p95_abs_ms,
+                                  "mean_ratio": float(np.mean(np.array(pred)
+                                                              / np.array(vidur)))}}
     return out
 
 
 def build_profile(device: str, model: str, shared: str | Path | None = None, *, tp: int = 1,
                   buckets: BucketConfig = GPU_BUCKETS, plans_per_bucket: int = 240,
                   max_context: int = 8192, seed: int = 0, include_lm_head: bool = True,
-                  holdout_every: int = 5) -> tuple[LatencyModel, GpuRecipe]:
+                  holdout_every: int = 5, spill: float = 0.25,
+                  attention_kernels: str = "ragged") -> tuple[LatencyModel, GpuRecipe]:
     """Time synthetic plans on every bucket with the recipe and fit a LatencyModel."""
     shared = Path(shared or default_shared_dir())
     recipe = GpuRecipe.from_shared(device, model, shared, tp=tp,
-                                   include_lm_head=include_lm_head)
+                                   include_lm_head=include_lm_head,
+                                   attention_kernels=attention_kernels)
     capacity = recipe.kv_capacity_tokens()
     rng = np.random.default_rng(seed)
-    points = []  # (bucket, features, seconds without the LM head, LM head seconds)
-    for bucket in buckets.pairs():
-        lm_head = recipe.lm_head_ms(bucket[1]) / 1e3 if include_lm_head else 0.0
-        for chunks in synthetic_plans(bucket, buckets, plans_per_bucket, rng, max_context,
-                                      capacity):
-            points.append((bucket, StepFeatures.of_chunks(chunks),
-                           recipe.step_seconds(bucket, chunks) - lm_head, lm_head))
-    latency = _fit_shared_over_seqs(points, buckets, recipe, include_lm_head, holdout_every)
+    plans = {bucket: synthetic_plans(bucket, buckets, plans_per_bucket, rng, max_context,
+                                     capacity) for bucket in buckets.pairs()}
+    latency, fit_info = fit_bucketed(recipe, buckets, plans, holdout_every=holdout_every,
+                                     spill=spill, max_context=max_context)
     latency.metadata = _metadata(recipe, shared, buckets, plans_per_bucket, max_context, seed)
-    latency.metadata["measured_point_errors"] = _measured_point_errors(recipe, latency, buckets)
+    latency.metadata["fit"] = fit_info
+    latency.metadata["grid_point_errors"] = _grid_point_errors(recipe, latency, buckets)
     return latency, recipe
 
 
-def _fit_shared_over_seqs(points: list[tuple[tuple[int, int], StepFeatures, float, float]],
-                          buckets: BucketConfig, recipe: GpuRecipe, include_lm_head: bool,
-                          holdout_every: int) -> LatencyModel:
-    """One regression per token bucket over the plans of all its seq buckets; each
-    (tokens, seqs) bucket gets it plus its own LM head cost in the intercept.
+def _corner_plans(bucket: tuple[int, int], max_context: int,
+                  capacity: int) -> list[list[Chunk]]:
+    """Extreme contents of a bucket: fewest and most sequences, fewest and most tokens,
+    all decodes / one prefill among decodes / all prefills, shortest and longest
+    contexts (within the KV capacity), with and without a prefix. The fitted models
+    are linear in features of the contents, so their differences peak near these."""
+    t, s = bucket
+    plans = []
+    for n in sorted({1, min(s, t)}):
+        for tokens in sorted({n, t}):
+            for num_pre in sorted({0, 1, n} if tokens > n else {0}):
+                if num_pre == 0 and tokens != n:
+                    continue
+                num_dec = n - num_pre
+                pre_tokens = tokens - num_dec
+                if num_pre and pre_tokens < num_pre:
+                    continue
+                for long in (False, True):
+                    kv_budget = max(min(capacity, n * max_context), n)
+                    ctx = max(min(max_context, kv_budget // n), 1) if long else 1
+                    chunks: list[Chunk] = [(1, ctx, True)] * num_dec
+                    if num_pre:
+                        q, extra = divmod(pre_tokens, num_pre)
+                        sizes = [q + 1] * extra + [q] * (num_pre - extra)
+                        chunks += [(c, max(c, min(ctx, max_context)) if long else c, False)
+                                   for c in sizes]
+                    plans.append(chunks)
+    return plans
 
-    The recipe's step time depends on the seq bucket only through the LM head (logit
-    rows), so sharing the rest is exact in the truth, and it makes a larger seq bucket
-    cost at least as much as a smaller one for the same contents (LM head time grows
-    with rows). Separate fits would not: each would see only its own seq range and
-    extrapolate differently outside it. Held-out error: every ``holdout_every``-th plan
-    of each bucket is left out of a first fit and scored with the LM head included;
-    the profile is then refitted on all plans.
+
+def fit_bucketed(recipe: GpuRecipe, buckets: BucketConfig,
+                 plans: dict[tuple[int, int], list[list[Chunk]]], *, holdout_every: int = 5,
+                 spill: float = 0.25, max_context: int = 8192
+                 ) -> tuple[LatencyModel, dict[str, Any]]:
+    """Fit per-bucket linear models to the recipe's times of ``plans`` (bucket -> plans
+    that ``pick`` maps there), so that larger buckets never cost less for the same
+    contents.
+
+    * **Shared over seq buckets.** The recipe's step time depends on the seq bucket only
+      through the LM head (logit rows), so one regression (``LatencyModel.fit``, NNLS)
+      per token bucket is fitted on the plans of all its seq buckets, without the LM
+      head, and each (tokens, seqs) bucket gets it plus its own LM head cost in the
+      intercept (non-decreasing in rows). Separate fits would each see only their own
+      seq range and extrapolate differently outside it.
+    * **Spill-over.** A token bucket's regression also sees a ``spill`` share of the
+      plans of every smaller token bucket, timed on this bucket (padding and all), so
+      neighbouring buckets agree on contents they can both hold.
+    * **Monotone lift.** Token buckets are then visited in increasing order, and each
+      intercept is raised by the largest amount (if any) by which the bucket would
+      predict less than the one below it for any plan (or ``_corner_plans``) of a
+      smaller bucket. The linear ops at small token counts cost nearly the same
+      (memory-bound GEMMs), so fit noise could otherwise make 64 tokens look cheaper
+      than 32.
+
+    Held-out error: every ``holdout_every``-th plan of each bucket is left out of a
+    first fit and scored (LM head included); the profile is then refitted on all plans.
     """
-    def fit(rows: list[tuple[tuple[int, int], StepFeatures, float, float]]) -> LatencyModel:
-        shared = LatencyModel.fit([((b[0], 0), f, s) for b, f, s, _ in rows], holdout_every=0)
+    lm_head = {s: recipe.lm_head_ms(s) / 1e3 if recipe.include_lm_head else 0.0
+               for s in buckets.seq_buckets}
+    feats = {b: [StepFeatures.of_chunks(c) for c in ps] for b, ps in plans.items()}
+    capacity = recipe.kv_capacity_tokens()
+
+    attn = {b: [recipe.num_layers * recipe.attention_ms(c) for c in ps]
+            for b, ps in plans.items()}
+
+    def body(t: int, bucket: tuple[int, int], i: int) -> float:  # seconds, no LM head
+        return (recipe.padded_ms((t, 1), lm_head=False) + attn[bucket][i]) / 1e3
+
+    def fit(keep: dict[tuple[int, int], list[int]]) -> tuple[LatencyModel, dict[int, float]]:
+        stride = max(round(1 / spill), 1) if spill > 0 else 0
+        points = []
+        for t in buckets.token_buckets:
+            for bucket, idx in keep.items():
+                if bucket[0] == t:
+                    chosen = idx
+                elif bucket[0] < t and stride:
+                    chosen = idx[::stride]
+                else:
+                    continue
+                points += [((t, 0), feats[bucket][i], body(t, bucket, i)) for i in chosen]
+        per_token = LatencyModel.fit(points, holdout_every=0).coefficients
+        lifts: dict[int, float] = {}
+        below: list[StepFeatures] = []
+        prev = None
+        for t in buckets.token_buckets:
+            coef = per_token[(t, 0)]
+            lift = 0.0
+            if prev is not None and below:
+                x = np.stack([f.vector() for f in below])
+                lift = max(float((x @ prev - x @ coef).max()), 0.0)
+                coef[0] += lift
+            lifts[t] = lift
+            prev = coef
+            for bucket in keep:
+                if bucket[0] == t:
+                    below += [feats[bucket][i] for i in keep[bucket]]
+                    below += [StepFeatures.of_chunks(c)
+                              for c in _corner_plans(bucket, max_context, capacity)]
         coefficients = {}
         for bucket in buckets.pairs():
-            coef = shared.coefficients[(bucket[0], 0)].copy()
-            if include_lm_head:
-                coef[0] += recipe.lm_head_ms(bucket[1]) / 1e3
+            coef = per_token[(bucket[0], 0)].copy()
+            coef[0] += lm_head[bucket[1]]
             coefficients[bucket] = coef
-        return LatencyModel(coefficients)
+        return LatencyModel(coefficients), lifts
 
-    by_bucket: dict[tuple[int, int], list] = defaultdict(list)
-    for point in points:
-        by_bucket[point[0]].append(point)
-    train, held = [], []
-    for rows in by_bucket.values():
-        for i, point in enumerate(rows):
-            (held if holdout_every and i % holdout_every == 2 else train).append(point)
+    every = {b: list(range(len(ps))) for b, ps in plans.items()}
     heldout = None
-    if held:
-        probe = fit(train)
-        heldout = _errors([(probe.predict(b, f), s + lm) for b, f, s, lm in held])
-    full = fit(points)
-    full.heldout = heldout
-    return full
+    if holdout_every:
+        train = {b: [i for i in idx if i % holdout_every != 2] for b, idx in every.items()}
+        probe, _ = fit(train)
+        heldout = _errors([(probe.predict(b, feats[b][i]),
+                            (recipe.padded_ms(b) + attn[b][i]) / 1e3)
+                           for b, idx in every.items() for i in idx if i % holdout_every == 2])
+    model, lifts = fit(every)
+    model.heldout = heldout
+    return model, {"method": "fbjax.sched.gpu_profile.fit_bucketed (NNLS per token bucket, "
+                             "shared over seq buckets, spill-over, monotone lift)",
+                   "spill": spill, "holdout_every": holdout_every,
+                   "monotone_lift_ms": {str(t): v * 1e3 for t, v in lifts.items()}}
 
 
 def _rel(path: str, shared: Path) -> str:
@@ -606,6 +770,8 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
     per_bucket = {str(t): recipe.linear.layer_ms(t) for t in buckets.token_buckets}
     return {
         "source": "vidur operator profiles + fbjax.sched.gpu_profile recipe",
+        "step_time": "num_layers * (linear ops at the bucket's tokens + attention on the "
+                     "contents + 2 all-reduces if TP > 1) + emb + LM head at the seq bucket",
         "vidur": {"repo": VIDUR_REPO, "commit": VIDUR_COMMIT,
                   "legacy_commit": VIDUR_LEGACY_COMMIT, "license": VIDUR_LICENSE},
         "device": recipe.device, "device_peaks": DEVICES[recipe.device],
@@ -614,7 +780,7 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
         "tp": recipe.tp, "num_layers": recipe.num_layers, "dtype": "bf16", "units": "seconds",
         "token_buckets": list(buckets.token_buckets), "seq_buckets": list(buckets.seq_buckets),
         "kv_capacity_tokens": recipe.kv_capacity_tokens(),
-        "kv_capacity": {"device_memory_gib": DEVICES[recipe.device]["memory_gb"],
+        "kv_capacity": {"device_memory_gib": DEVICES[recipe.device]["memory_gib"],
                         "memory_utilization": 0.9, "bytes_per_elem": 2,
                         "rule": "fbjax.sched.gpu_profile.kv_cache_tokens"},
         "measured": {
@@ -633,9 +799,12 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
         },
         "modelled": {
             "attention": {
-                "method": "decode: KV bytes at peak HBM bandwidth ratio; prefill: attention "
-                          "FLOPs (prefix and causal parts) at peak bf16 ratio; calibrated "
-                          "on the legacy A100 file, intercepts kept",
+                "method": "modelled from bytes and FLOPs, calibrated on the one measured "
+                          "attention file (A100, 70B shape, TP2): decode = a0 + KV bytes "
+                          "read; prefill = b0 + prefix FLOPs + causal FLOPs + context KV "
+                          "bytes; slopes moved to the target by its per-GPU heads/head_dim "
+                          "and the device/A100 ratio of peak bandwidth (bytes) or peak "
+                          "bf16 FLOP/s (FLOPs); intercepts kept as measured on A100",
                 "calibration": {**recipe.attention.to_json(),
                                 "file": _rel(recipe.attention.path, shared)},
                 "target_per_gpu": {"q_heads": recipe.q_heads, "kv_heads": recipe.kv_heads,
@@ -643,6 +812,10 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
                 "bandwidth_time_ratio": recipe.bandwidth_ratio,
                 "flops_time_ratio": recipe.flops_ratio,
                 "gqa_batching_overhead": GQA_BATCHING_OVERHEAD if recipe.gqa else 0.0,
+                "kernels": recipe.attention_kernels,
+                "kernels_note": "ragged: one kernel per layer over the mixed batch (fbjax), "
+                                "so a mixed step pays one fixed floor max(a0, b0), not "
+                                "a0 + b0 as vidur's split prefill/decode kernels do",
             },
             "lm_head": {"included": recipe.include_lm_head,
                         "method": "measured mlp_up_proj at seq-bucket rows x vocab / "
@@ -652,6 +825,14 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
         },
         "omitted": ["attn_kv_cache_save (not in the legacy file)", "sampler", "final norm",
                     "CPU overheads (vidur default skip_cpu_overhead_modeling)"],
+        "caveats": [
+            "attention is modelled, not measured, for every profile: one A100 file of the "
+            "70B/TP2 shape, moved by bytes/FLOPs and peak ratios",
+            "kernels are vLLM/sarathi-era (2024, FlashAttention 2 on A100); newer kernels "
+            "(e.g. FA3 on H100) are faster",
+            "linear ops above the measured grid are extrapolated linearly",
+        ] + (["H100 has no Llama-3 mlp.csv upstream; this is Llama-2-7B"]
+             if recipe.device == "h100" else []),
         "synthetic_plans": {"per_bucket": plans_per_bucket, "max_context": max_context,
                             "seed": seed, "total": plans_per_bucket * len(buckets.pairs())},
     }
