@@ -15,9 +15,13 @@ from kernels.ragged_paged_attention.reference import (
     ragged_paged_attention as reference_attention,
 )
 from kernels.ragged_paged_attention.reference import write_kv
+from kernels.ragged_paged_attention.tpu import (
+    ragged_paged_attention as pallas_tpu_attention,
+)
 
 IMPLEMENTATIONS: dict[str, Callable] = {"reference": reference_attention}
 IMPLEMENTATIONS["pallas_gpu"] = pallas_gpu_attention
+IMPLEMENTATIONS["pallas_tpu"] = pallas_tpu_attention
 
 
 def get_attention(impl: str) -> Callable:
