@@ -167,7 +167,10 @@ class FairBatchingScheduler(Scheduler):
             if cand.num_tokens > token_budget:
                 continue
             if request.status is RequestStatus.WAITING:
-                if not admitting or not self.kv.ensure(request.request_id, start + num):
+                # As in every policy, a step that preempted admits nobody: the victim,
+                # now first in line, must not be displaced by a newcomer.
+                if (preempted or not admitting
+                        or not self.kv.ensure(request.request_id, start + num)):
                     admitting = False
                     continue
                 self.admit(request, now)
@@ -176,8 +179,10 @@ class FairBatchingScheduler(Scheduler):
             chunks.append(ScheduledChunk(request, num, start))
             feats = cand
 
-        if not chunks and not preempted and self.has_unfinished():
-            chunks = self._force_progress(now)
+        if preempted:  # a victim may have been scheduled before it was preempted
+            chunks = [c for c in chunks if c.request.status is RequestStatus.RUNNING]
+        if not chunks and self.has_unfinished():
+            chunks = self._force_progress(now, preempted)
         return self.make_plan(chunks, preempted)
 
     def _fits(self, feats: StepFeatures, budget: float) -> bool:
@@ -212,18 +217,21 @@ class FairBatchingScheduler(Scheduler):
         align = self.config.chunk_align
         return lo - lo % align if lo >= align else lo
 
-    def _force_progress(self, now: float) -> list[ScheduledChunk]:
-        """Nothing fit the budget: run the most urgent request alone, minimally."""
+    def _force_progress(self, now: float, preempted: list[Request]) -> list[ScheduledChunk]:
+        """Nothing fit the budget: run the most urgent request alone, minimally. A running
+        one may preempt from the tail like any other (the head of the running list always
+        fits alone, so this never comes back empty while work exists); nobody is admitted
+        in a step that preempted."""
         candidates = sorted(self.running + list(self.waiting), key=self.due)
         for request in candidates:
             num = 1 if request.num_remaining == 1 else min(
                 request.num_remaining, self.config.chunk_align, self.limits.max_num_batched_tokens)
             start = request.num_computed_tokens
             if request.status is RequestStatus.WAITING:
-                if not self.kv.ensure(request.request_id, start + num):
+                if preempted or not self.kv.ensure(request.request_id, start + num):
                     continue
                 self.admit(request, now)
-            elif not self.kv.ensure(request.request_id, start + num):
+            elif not self._allocate_or_preempt(request, num, preempted):
                 continue
             return [ScheduledChunk(request, num, start)]
         return []

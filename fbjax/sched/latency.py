@@ -213,6 +213,8 @@ class LatencyModel:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "<json>") -> LatencyModel:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object at the top level")
         if data.get("format") != FORMAT:
             raise ValueError(f"{source}: not an fbjax latency profile "
                              f"(format {data.get('format')!r}, expected {FORMAT!r})")
@@ -226,17 +228,24 @@ class LatencyModel:
         for key, coef in buckets.items():
             try:
                 bucket = _parse_bucket(key)
+                if min(bucket) <= 0:
+                    raise ValueError
             except ValueError:
                 raise ValueError(f"{source}: bad bucket key {key!r} "
                                  "(expected 'TOKENSxSEQS')") from None
-            if len(coef) != len(FEATURES) or any(
-                    not isinstance(c, (int, float)) or c < 0 or math.isnan(c) for c in coef):
+            if not isinstance(coef, list) or len(coef) != len(FEATURES) or any(
+                    isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0
+                    or not math.isfinite(c) for c in coef):
                 raise ValueError(f"{source}: bucket {key} needs {len(FEATURES)} "
-                                 "non-negative numbers")
+                                 "non-negative finite numbers")
             coefficients[bucket] = np.array(coef, float)
         held = data.get("heldout")
-        return cls(coefficients, metadata=data.get("metadata") or {},
-                   heldout=FitError(**held) if held else None)
+        try:
+            heldout = FitError(**held) if held else None
+        except TypeError:
+            raise ValueError(f"{source}: 'heldout' must hold "
+                             f"{[f.name for f in dataclasses.fields(FitError)]}") from None
+        return cls(coefficients, metadata=data.get("metadata") or {}, heldout=heldout)
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyModel:
