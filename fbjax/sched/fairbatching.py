@@ -108,7 +108,10 @@ class FairBatchingScheduler(Scheduler):
         return due
 
     def time_budget(self, decodes: list[Request], now: float) -> float:
-        if not decodes or not self.config.adaptive_capacity:
+        """The step's time budget from the running decodes (unbounded without any).
+        Urgency is judged against it even when ``adaptive_capacity`` is off; then it
+        just does not bound the step's size (the token budget does)."""
+        if not decodes:
             return math.inf
         return max(min(self.due(r) for r in decodes) - now,
                    min(self.tpot_slo(r) for r in decodes))
@@ -129,9 +132,8 @@ class FairBatchingScheduler(Scheduler):
             order = [(r, True) for r in urgent] + [(r, False) for r in prefills] + [
                 (r, False) for r in relaxed]
         else:
-            urgent = decodes
             order = [(r, True) for r in decodes] + [(r, False) for r in prefills]
-        return self._form(order, budget, now)
+        return self._form(order, budget if self.config.adaptive_capacity else math.inf, now)
 
     def _form(self, order: list[tuple[Request, bool]], budget: float, now: float) -> StepPlan:
         token_budget = self.limits.max_num_batched_tokens

@@ -1,0 +1,147 @@
+"""FairBatching vs Sarathi-Serve vs vLLM-style chunked prefill in the simulator.
+
+Follows DESIGN.md "Evaluation protocol": for each trace and SLO setting (strict and
+relaxed, as multiples of the profile's unloaded latencies: TTFT x the prefill of the
+trace's median prompt alone, TPOT x one decode step at median context), it finds each
+policy's capacity (highest rate scale with >= 99% of requests meeting both SLOs, by
+bisection), then compares everyone at Sarathi-as-deployed's capacity: P50/P99 TTFT,
+TPOT attainment in the vLLM view and in the envelope view. Baselines: Sarathi as
+deployed (largest bucket whose worst-case step meets the TPOT SLO), Sarathi oracle (best
+capacity over budgets 256/512/1024/2048), vLLM-style with a 2048-token budget. Ablations:
+FairBatching without adaptive capacity (fixed token budget = Sarathi's), without fair
+formation (decode-first), and with the envelope anchored at arrival.
+
+    python scripts/bench_schedulers.py --traces azure_llm_2023_conv --duration_s 300
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
+from fbjax.sched.latency import StepFeatures  # noqa: E402
+from fbjax.sim.experiment import SLO, capacity, simulate  # noqa: E402
+from fbjax.sim.instance import PolicySpec, deployed_chunk_size, load_profile  # noqa: E402
+from fbjax.traces import load_trace  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("traces", ["azure_llm_2023_code", "azure_llm_2023_conv",
+                             "mooncake_fast25_conversation"], "Traces to replay.")
+flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile.")
+flags.DEFINE_float("duration_s", 600.0, "Seconds of each trace to replay (from its start).")
+flags.DEFINE_list("settings", ["strict", "relaxed"], "SLO settings to run.")
+flags.DEFINE_bool("ablations", True, "Also run the FairBatching ablations.")
+flags.DEFINE_float("tol", 0.03, "Relative tolerance of the capacity bisection.")
+flags.DEFINE_string("json", None, "Write all figures here.")
+
+# SLO multiples of the unloaded latencies (DistServe / Sarathi-Serve practice).
+SETTINGS = {"strict": (10.0, 4.0), "relaxed": (25.0, 8.0)}
+ORACLE_BUDGETS = (256, 512, 1024, 2048)
+VLLM_BUDGET = 2048
+
+
+def unloaded(profile, trace) -> tuple[float, float]:
+    lat, buckets = profile.latency, profile.buckets
+    prompt = int(min(np.median(trace.prompt_lens), buckets.max_tokens))
+    prefill = StepFeatures()
+    prefill.add(prompt, prompt, False)
+    context = int(np.median(trace.prompt_lens) + np.median(trace.output_lens) / 2)
+    decode = StepFeatures()
+    decode.add(1, context, True)
+    return (lat.predict(buckets.pick(prompt, 1), prefill),
+            lat.predict(buckets.pick(1, 1), decode))
+
+
+def specs(slo: SLO, deployed: int, ablations: bool) -> list[PolicySpec]:
+    fb = FairBatchingConfig(ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s)
+    out = [PolicySpec("sarathi", token_budget=deployed, label=f"sarathi-deployed({deployed})")]
+    out += [PolicySpec("sarathi", token_budget=b, label=f"sarathi-{b}") for b in ORACLE_BUDGETS
+            if b != deployed]
+    out += [PolicySpec("vllm", token_budget=VLLM_BUDGET, label=f"vllm-{VLLM_BUDGET}"),
+            PolicySpec("fairbatching", fairbatching=fb, label="fairbatching")]
+    if ablations:
+        out += [
+            PolicySpec("fairbatching", token_budget=deployed, label="fb-no-adaptive-capacity",
+                       fairbatching=dataclasses.replace(fb, adaptive_capacity=False)),
+            PolicySpec("fairbatching", label="fb-no-fair-formation",
+                       fairbatching=dataclasses.replace(fb, fair_formation=False)),
+            PolicySpec("fairbatching", label="fb-anchor-arrival",
+                       fairbatching=dataclasses.replace(fb, anchor="arrival")),
+        ]
+    return out
+
+
+def main(argv):
+    del argv
+    profile = load_profile(FLAGS.profile)
+    report = {"profile": profile.name, "duration_s": FLAGS.duration_s, "runs": []}
+    for trace_name in FLAGS.traces:
+        trace = load_trace(trace_name).sliced(0, FLAGS.duration_s)
+        ttft0, tpot0 = unloaded(profile, trace)
+        for setting in FLAGS.settings:
+            k_ttft, k_tpot = SETTINGS[setting]
+            slo = SLO(k_ttft * ttft0, k_tpot * tpot0)
+            context = int(np.percentile(trace.prompt_lens, 90))
+            deployed = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s,
+                                           context)
+            print(f"\n== {trace_name} ({len(trace)} req, {trace.mean_rate:.2f} req/s), "
+                  f"{setting}: {slo.describe()} (unloaded TTFT {ttft0 * 1e3:.0f} ms, "
+                  f"TPOT {tpot0 * 1e3:.1f} ms); Sarathi deployed budget {deployed}",
+                  flush=True)
+            caps = {}
+            for spec in specs(slo, deployed, FLAGS.ablations):
+                start = time.perf_counter()
+                caps[spec.name] = capacity(trace, spec, profile, slo, tol=FLAGS.tol,
+                                           lo=0.05, hi=1.0).rate_scale
+                print(f"  capacity {spec.name:28s} {caps[spec.name]:.3f}  "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            oracle = max((n for n in caps if n.startswith("sarathi")), key=caps.get)
+            ref_name = f"sarathi-deployed({deployed})"
+            at = caps[ref_name] or 0.05
+            rows = []
+            for spec in specs(slo, deployed, FLAGS.ablations):
+                o = simulate(trace, spec, profile, slo, rate_scale=at)
+                s = o.summary
+                rows.append({"policy": spec.name, "capacity": caps[spec.name],
+                             "p50_ttft_ms": s.ttft.p(50), "p99_ttft_ms": s.ttft.p(99),
+                             "tpot_attainment": s.tpot_attainment,
+                             "envelope_attainment": s.envelope_attainment,
+                             "slo_attainment": s.slo_attainment,
+                             "max_stall_ms": s.max_tbt_stall_ms})
+            base = next(r for r in rows if r["policy"] == ref_name)
+            fb = next(r for r in rows if r["policy"] == "fairbatching")
+            print(f"\n  at Sarathi-deployed capacity (rate scale {at:.3f}); oracle = {oracle}")
+            print("  | policy | capacity | P50 TTFT ms | P99 TTFT ms | TPOT attain (vLLM) "
+                  "| envelope attain | SLO attain | max stall ms |")
+            print("  |---|---:|---:|---:|---:|---:|---:|---:|")
+            for r in rows:
+                print(f"  | {r['policy']} | {r['capacity']:.3f} | {r['p50_ttft_ms']:.0f} "
+                      f"| {r['p99_ttft_ms']:.0f} | {r['tpot_attainment']:.3f} "
+                      f"| {r['envelope_attainment']:.3f} | {r['slo_attainment']:.3f} "
+                      f"| {r['max_stall_ms']:.0f} |")
+            def gain(a, b):
+                return a / b if b else float("nan")
+            print(f"  FairBatching: P99 TTFT {gain(base['p99_ttft_ms'], fb['p99_ttft_ms']):.2f}x "
+                  f"lower than Sarathi deployed; capacity "
+                  f"{gain(caps['fairbatching'], caps[ref_name]) - 1:+.1%} vs deployed, "
+                  f"{gain(caps['fairbatching'], caps[oracle]) - 1:+.1%} vs oracle ({oracle}), "
+                  f"{gain(caps['fairbatching'], caps[f'vllm-{VLLM_BUDGET}']) - 1:+.1%} vs vLLM",
+                  flush=True)
+            report["runs"].append({"trace": trace_name, "setting": setting,
+                                   "slo": dataclasses.asdict(slo), "deployed": deployed,
+                                   "oracle": oracle, "rate_scale_compared": at, "rows": rows})
+    if FLAGS.json:
+        Path(FLAGS.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
