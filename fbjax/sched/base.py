@@ -173,6 +173,21 @@ class Scheduler(abc.ABC):
         bucket = self.limits.buckets.pick(num_tokens, len(chunks)) if chunks else (0, 0)
         return StepPlan(bucket, chunks, preempted)
 
+    def admit_waiting_fcfs(self, chunks: list[ScheduledChunk], budget: int,
+                           now: float) -> None:
+        """Admit waiting requests first-come-first-served into ``chunks``, each chunked
+        to the tokens left; stop at the first the step or the KV pool cannot hold (no
+        skipping ahead, so a long prompt is never starved by shorter later ones)."""
+        for request in list(self.waiting):
+            if budget <= 0 or len(chunks) >= self.limits.max_num_seqs:
+                break
+            num = min(request.num_remaining, budget)
+            if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):
+                break
+            self.admit(request, now)
+            chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
+            budget -= num
+
     def admit(self, request: Request, now: float) -> None:
         """Move a waiting request to the running list."""
         self.waiting.remove(request)

@@ -42,16 +42,6 @@ class SarathiScheduler(Scheduler):
                 continue
             chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
             budget -= num
-        if preempted:
-            return self.make_plan(chunks, preempted)
-
-        for request in list(self.waiting):
-            if budget <= 0 or len(chunks) >= max_seqs:
-                break
-            num = min(request.num_remaining, budget)
-            if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):
-                break
-            self.admit(request, now)
-            chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
-            budget -= num
+        if not preempted:
+            self.admit_waiting_fcfs(chunks, budget, now)
         return self.make_plan(chunks, preempted)

@@ -35,13 +35,5 @@ class VLLMScheduler(Scheduler):
             index += 1
 
         if not preempted:
-            for request in list(self.waiting):
-                if budget <= 0 or len(chunks) >= self.limits.max_num_seqs:
-                    break
-                num = min(request.num_remaining, budget)
-                if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):
-                    break
-                self.admit(request, now)
-                chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
-                budget -= num
+            self.admit_waiting_fcfs(chunks, budget, now)
         return self.make_plan(chunks, preempted)
