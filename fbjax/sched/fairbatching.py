@@ -34,6 +34,7 @@ tokens, that a router can still send within the TTFT SLO; see its docstring.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 from fbjax.engine.kv_cache import KVCacheManager
@@ -113,36 +114,52 @@ class FairBatchingScheduler(Scheduler):
         just does not bound the step's size (the token budget does)."""
         if not decodes:
             return math.inf
-        return max(min(self.due(r) for r in decodes) - now,
-                   min(self.tpot_slo(r) for r in decodes))
+        return self._budget(min(self.due(r) for r in decodes), decodes, now)
+
+    def _budget(self, earliest_due: float, decodes: list[Request], now: float) -> float:
+        return max(earliest_due - now, min(self.tpot_slo(r) for r in decodes))
 
     # ----- the step -------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
-        decodes = [r for r in self.running if r.num_remaining == 1 and r.num_output_tokens]
-        prefills = [r for r in self.running if not (r.num_remaining == 1 and r.num_output_tokens)]
-        prefills += self.waiting
-        budget = self.time_budget(decodes, now)
-        decodes.sort(key=self.due)
-        prefills.sort(key=self.due)
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        for r in self.running:
+            (decodes if r.num_remaining == 1 and r.num_output_tokens else prefills).append(r)
+        prefills.extend(self.waiting)
+        due = self.due
+        # Each deadline computed once; the index breaks ties in queue order.
+        by_due = sorted((due(r), i, r) for i, r in enumerate(decodes))
+        prefill_order = [r for _, _, r in sorted((due(r), i, r) for i, r in enumerate(prefills))]
+        budget = self._budget(by_due[0][0], decodes, now) if decodes else math.inf
         if self.config.fair_formation:
             margin = self.config.urgency_margin
-            is_urgent = [self.due(r) - now < budget + margin * self.tpot_slo(r) for r in decodes]
-            urgent = [r for r, u in zip(decodes, is_urgent, strict=True) if u]
-            relaxed = [r for r, u in zip(decodes, is_urgent, strict=True) if not u]
-            order = [(r, True) for r in urgent] + [(r, False) for r in prefills] + [
-                (r, False) for r in relaxed]
+            urgent = [r for d, _, r in by_due if d - now < budget + margin * self.tpot_slo(r)]
+            relaxed = [r for d, _, r in by_due if not d - now < budget + margin * self.tpot_slo(r)]
         else:
-            order = [(r, True) for r in decodes] + [(r, False) for r in prefills]
-        return self._form(order, budget if self.config.adaptive_capacity else math.inf, now)
+            urgent, relaxed = [r for _, _, r in by_due], []
+        return self._form(urgent, prefill_order, relaxed,
+                          budget if self.config.adaptive_capacity else math.inf, now)
 
-    def _form(self, order: list[tuple[Request, bool]], budget: float, now: float) -> StepPlan:
+    def _form(self, urgent: list[Request], prefills: list[Request], relaxed: list[Request],
+              budget: float, now: float) -> StepPlan:
+        """Add urgent decodes (always), then prefills by deadline (each its largest
+        chunk within budget, until one does not fit), then relaxed decodes that fit."""
+        state = {"prefills_open": True}  # EDF: once a prefill does not fit, later ones wait
+
+        def prefill_candidates():
+            for r in prefills:
+                if not state["prefills_open"]:
+                    return
+                yield r, False
+
+        order = itertools.chain(((r, True) for r in urgent), prefill_candidates(),
+                                ((r, False) for r in relaxed))
         token_budget = self.limits.max_num_batched_tokens
         max_seqs = self.limits.max_num_seqs
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         feats = StepFeatures()
         seen: set[str] = set()  # a request preempted in this step must not come back in it
-        prefills_open = True  # EDF: once a prefill does not fit, later ones wait too
         admitting = True  # FCFS admission stops at the first prompt the pool cannot hold
 
         for request, must_run in order:
@@ -151,6 +168,11 @@ class FairBatchingScheduler(Scheduler):
             if request.request_id in seen or (preempted and request in preempted):
                 continue
             seen.add(request.request_id)
+            # As in every policy, a step that preempted admits nobody (the victim, now
+            # first in line, must not be displaced by a newcomer), and admission is FCFS
+            # within the deadline order: it stops at the first prompt the pool cannot hold.
+            if request.status is RequestStatus.WAITING and (preempted or not admitting):
+                continue
             decode = request.num_remaining == 1 and request.num_output_tokens > 0
             start = request.num_computed_tokens
             if decode:
@@ -159,20 +181,15 @@ class FairBatchingScheduler(Scheduler):
                     continue
                 num = 1
             else:
-                if not prefills_open:
-                    continue
                 num = self._largest_chunk(feats, request, budget, token_budget - feats.num_tokens)
                 if num == 0:
-                    prefills_open = False
+                    state["prefills_open"] = False
                     continue
                 cand = feats.with_chunk(num, start + num, False)
             if cand.num_tokens > token_budget:
                 continue
             if request.status is RequestStatus.WAITING:
-                # As in every policy, a step that preempted admits nobody: the victim,
-                # now first in line, must not be displaced by a newcomer.
-                if (preempted or not admitting
-                        or not self.kv.ensure(request.request_id, start + num)):
+                if not self.kv.ensure(request.request_id, start + num):
                     admitting = False
                     continue
                 self.admit(request, now)

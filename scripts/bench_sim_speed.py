@@ -1,0 +1,100 @@
+"""Simulator and scheduler speed, measured side by side in one run.
+
+1. Wall time to replay the whole azure_llm_2023_conv trace (one hour, 19,366 requests)
+   on one instance for each policy (goal: <= 10 s on a 2-core machine).
+2. The scheduler's cost of forming one step with 256 running decodes and 1,000 waiting
+   prompts (goal: FairBatching <= 100 us and <= 2x Sarathi).
+
+    python scripts/bench_sim_speed.py [--profile a100-llama3-8b]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
+from fbjax.sched.request import Request, SamplingParams  # noqa: E402
+from fbjax.sim.experiment import SLO, simulate  # noqa: E402
+from fbjax.sim.instance import PolicySpec, build_scheduler, load_profile  # noqa: E402
+from fbjax.traces import load_trace  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("profile", "a100-llama3-8b", "Latency profile.")
+flags.DEFINE_string("trace", "azure_llm_2023_conv", "Trace to replay in full.")
+flags.DEFINE_integer("running", 256, "Running decodes in the per-step benchmark.")
+flags.DEFINE_integer("waiting", 1000, "Waiting prompts in the per-step benchmark.")
+flags.DEFINE_integer("repeats", 300, "Schedule calls timed per policy.")
+
+SLO_DEFAULT = SLO(3.0, 0.1)
+
+
+def policies() -> list[PolicySpec]:
+    fb = FairBatchingConfig(ttft_slo_s=SLO_DEFAULT.ttft_s, tpot_slo_s=SLO_DEFAULT.tpot_s)
+    return [PolicySpec("vllm", token_budget=512), PolicySpec("sarathi", token_budget=512),
+            PolicySpec("fairbatching", fairbatching=fb)]
+
+
+def loaded_state(spec: PolicySpec, profile, running: int, waiting: int):
+    """A scheduler holding ``running`` decoding requests and ``waiting`` prompts."""
+    sched = build_scheduler(spec, profile)
+    now = 100.0
+    for i in range(running):
+        r = Request(f"r{i}", [], SamplingParams(max_tokens=4096, ignore_eos=True),
+                    now - 5.0 - i * 0.01, prompt_len=500 + i)
+        sched.add_request(r)
+        sched.admit(r, now - 5.0)
+        sched.kv.ensure(r.request_id, r.prompt_len + 10)
+        r.num_computed_tokens = r.prompt_len
+        for j in range(10):
+            r.append_output(0, now - 4.0 + j * 0.05 + i * 1e-4)
+        r.num_computed_tokens = r.num_tokens - 1
+    for i in range(waiting):
+        sched.add_request(Request(f"w{i}", [], SamplingParams(max_tokens=100, ignore_eos=True),
+                                  now - 1.0 + i * 1e-3, prompt_len=200 + i % 500))
+    return sched, now
+
+
+def per_step_cost(spec: PolicySpec, profile, repeats: int) -> float:
+    """Mean seconds per schedule() on a fresh copy of the loaded state each time (the
+    copy's set-up is not timed)."""
+    total = 0.0
+    for _ in range(repeats):
+        sched, now = loaded_state(spec, profile, FLAGS.running, FLAGS.waiting)
+        start = time.perf_counter()
+        sched.schedule(now)
+        total += time.perf_counter() - start
+    return total / repeats
+
+
+def main(argv):
+    del argv
+    profile = load_profile(FLAGS.profile)
+    trace = load_trace(FLAGS.trace)
+    print(f"full replay of {trace.name}: {len(trace)} requests, {trace.duration_s:.0f} s, "
+          f"profile {profile.name}")
+    print("| policy | wall s | steps | steps/s |")
+    print("|---|---:|---:|---:|")
+    for spec in policies():
+        start = time.perf_counter()
+        outcome = simulate(trace, spec, profile, SLO_DEFAULT)
+        wall = time.perf_counter() - start
+        steps = len(outcome.result.steps)
+        print(f"| {spec.name} | {wall:.2f} | {steps} | {steps / wall:.0f} |", flush=True)
+
+    print(f"\nschedule() with {FLAGS.running} running decodes and {FLAGS.waiting} waiting "
+          "prompts")
+    print("| policy | us per step | vs sarathi |")
+    print("|---|---:|---:|")
+    costs = {spec.name: per_step_cost(spec, profile, FLAGS.repeats) for spec in policies()}
+    for name, cost in costs.items():
+        print(f"| {name} | {cost * 1e6:.1f} | {cost / costs['sarathi-512']:.2f}x |")
+
+
+if __name__ == "__main__":
+    app.run(main)
