@@ -8,6 +8,8 @@ prefill token, c = 5 ms per decode; SLOs TTFT 3 s and TPOT 0.1 s; chunk_align 16
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 
@@ -43,6 +45,11 @@ def make_fb(config: FairBatchingConfig | None = None, *, model: LatencyModel | N
             max_seqs: int | None = None, buckets: BucketConfig = BUCKETS
             ) -> FairBatchingScheduler:
     limits = StepLimits.from_buckets(buckets, max_tokens, max_seqs)
+    # The hand-computed plans below fill steps to the time budget: no knee cap unless a
+    # test asks for one (the knee has tests of its own).
+    config = config or FairBatchingConfig()
+    if config.step_tokens is None:
+        config = dataclasses.replace(config, step_tokens=10**9)
     return FairBatchingScheduler(limits, KVCacheManager(num_pages, page_size),
                                  model or linear_model(buckets=buckets), config)
 
@@ -663,3 +670,35 @@ def test_max_decode_stall_bounds_every_inter_token_gap(seed):
     assert max_gap(capped) <= cap + 1e-9
     uncapped = simulate(None)
     assert max_gap(uncapped) > 2 * cap  # banked slack alone lets decodes stall far longer
+
+
+# ----- efficiency knee ----------------------------------------------------------------------
+
+def knee_model(buckets: BucketConfig = BUCKETS) -> LatencyModel:
+    """Per-token prefill cost falls until 256 tokens and is flat beyond: 20 ms floor, then
+    0.1 ms per padded token above 256 (intercepts only, so contents do not matter)."""
+    coef = {b: np.array([0.02 + 1e-4 * max(0, b[0] - 256) + 1e-5 * b[0], 0, 0, 0, 0, 0])
+            for b in buckets.pairs()}
+    return LatencyModel(coef)
+
+
+def test_knee_is_where_per_token_cost_stops_falling():
+    sched = FairBatchingScheduler(StepLimits.from_buckets(BUCKETS), KVCacheManager(1024, 16),
+                                  knee_model(), FairBatchingConfig())
+    costs = {t: knee_model().coefficients[(t, min(s for s in BUCKETS.seq_buckets if s <= t))][0]
+             / t for t in BUCKETS.token_buckets}
+    best = min(costs.values())
+    expected = min(t for t, c in costs.items() if c <= best * 1.05)
+    assert sched.step_tokens == expected < BUCKETS.max_tokens
+
+
+def test_knee_caps_prefill_but_not_urgent_decodes():
+    sched = FairBatchingScheduler(StepLimits.from_buckets(BUCKETS), KVCacheManager(4096, 16),
+                                  knee_model(), FairBatchingConfig(step_tokens=8))
+    for i in range(12):  # 12 urgent decodes: more than the 8-token cap
+        put_decode(sched, f"u{i}", [9.95])
+    put_waiting(sched, "w", 300, arrival=9.0)
+    plan = sched.schedule(NOW)
+    names = [c.request.request_id for c in plan.chunks]
+    assert sum(n.startswith("u") for n in names) == 12  # urgent work ignores the cap
+    assert "w" not in names  # the prompt gets no room past the cap

@@ -21,7 +21,7 @@ from fbjax.sim.simulator import SimRequest, SimulationStalled, Simulator
 BUCKETS = BucketConfig(token_buckets=(16, 32, 64), seq_buckets=(4, 8))
 PAGE = 16
 # Relaxed SLOs so FairBatching's budget is not what the tests below are about.
-FB_CONFIG = FairBatchingConfig(ttft_slo_s=10.0, tpot_slo_s=1.0)
+FB_CONFIG = FairBatchingConfig(ttft_slo_s=10.0, tpot_slo_s=1.0, step_tokens=10**9)
 
 
 def model(intercepts: dict[int, float] | None = None, per_prefill: float = 0.0,
