@@ -108,6 +108,7 @@ class Scheduler(abc.ABC):
                 f"pool holds {self.kv.capacity_tokens}")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._waiting_added(request)
 
     def abort_request(self, request_id: str, now: float | None = None) -> Request | None:
         """Cancel a request wherever it is; its pages return to the pool at once."""
@@ -123,6 +124,7 @@ class Scheduler(abc.ABC):
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+            self._waiting_removed(request)
         request.status = status
         request.finish_time = now
         self.kv.free(request.request_id)
@@ -138,6 +140,12 @@ class Scheduler(abc.ABC):
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    def _waiting_added(self, request: Request) -> None:  # noqa: B027 (optional hook)
+        """Hook: ``request`` joined the waiting queue (policies that index it override)."""
+
+    def _waiting_removed(self, request: Request) -> None:  # noqa: B027 (optional hook)
+        """Hook: ``request`` left the waiting queue (admitted, aborted)."""
 
     # ----- the step ---------------------------------------------------------------
     @abc.abstractmethod
@@ -191,6 +199,7 @@ class Scheduler(abc.ABC):
     def admit(self, request: Request, now: float) -> None:
         """Move a waiting request to the running list."""
         self.waiting.remove(request)
+        self._waiting_removed(request)
         self.running.append(request)
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
@@ -218,3 +227,4 @@ class Scheduler(abc.ABC):
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._waiting_added(request)

@@ -33,7 +33,9 @@ tokens, that a router can still send within the TTFT SLO; see its docstring.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import heapq
 import itertools
 import math
 
@@ -98,6 +100,22 @@ class FairBatchingScheduler(Scheduler):
                              f"{'...' if len(missing) > 4 else ''}; profile this bucket set")
         self.step_tokens = min(self.config.step_tokens or self.knee_tokens(),
                                limits.max_num_batched_tokens)
+        # Waiting requests sorted by deadline, kept up to date as they come and go: a
+        # waiting request's next-token deadline cannot change while it waits, and with a
+        # thousand queued prompts re-sorting them every step would dominate its cost.
+        self._waiting_by_due: list[tuple[float, int, str]] = []
+        self._waiting_keys: dict[str, tuple[float, int, str]] = {}
+        self._arrivals = itertools.count()
+
+    def _waiting_added(self, request: Request) -> None:
+        key = (self.due(request), next(self._arrivals), request.request_id)
+        bisect.insort(self._waiting_by_due, key)
+        self._waiting_keys[request.request_id] = key
+
+    def _waiting_removed(self, request: Request) -> None:
+        key = self._waiting_keys.pop(request.request_id)
+        index = bisect.bisect_left(self._waiting_by_due, key)
+        del self._waiting_by_due[index]
 
     def knee_tokens(self, context: int = 1024) -> int:
         """Smallest token bucket whose per-token prefill time (one chunk after a
@@ -148,14 +166,15 @@ class FairBatchingScheduler(Scheduler):
     # ----- the step -------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
         decodes: list[Request] = []
-        prefills: list[Request] = []
+        partial: list[Request] = []  # running prompts not yet fully prefilled
         for r in self.running:
-            (decodes if r.num_remaining == 1 and r.num_output_tokens else prefills).append(r)
-        prefills.extend(self.waiting)
+            (decodes if r.num_remaining == 1 and r.num_output_tokens else partial).append(r)
         due = self.due
         # Each deadline computed once; the index breaks ties in queue order.
         by_due = sorted((due(r), i, r) for i, r in enumerate(decodes))
-        prefill_order = [r for _, _, r in sorted((due(r), i, r) for i, r in enumerate(prefills))]
+        partial_by_due = sorted((due(r), i, r) for i, r in enumerate(partial))
+        requests = self.requests
+        waiting_by_due = [(d, i, requests[rid]) for d, i, rid in self._waiting_by_due]
         budget = self._budget(by_due[0][0], decodes, now) if decodes else math.inf
         if self.config.fair_formation:
             margin = self.config.urgency_margin
@@ -163,17 +182,26 @@ class FairBatchingScheduler(Scheduler):
             relaxed = [r for d, _, r in by_due if not d - now < budget + margin * self.tpot_slo(r)]
         else:
             urgent, relaxed = [r for _, _, r in by_due], []
-        return self._form(urgent, prefill_order, relaxed,
+        return self._form(urgent, partial_by_due, waiting_by_due, relaxed,
                           budget if self.config.adaptive_capacity else math.inf, now)
 
-    def _form(self, urgent: list[Request], prefills: list[Request], relaxed: list[Request],
-              budget: float, now: float) -> StepPlan:
-        """Add urgent decodes (always), then prefills by deadline (each its largest
-        chunk within budget, until one does not fit), then relaxed decodes that fit."""
-        state = {"prefills_open": True}  # EDF: once a prefill does not fit, later ones wait
+    def _form(self, urgent: list[Request], partial: list, waiting: list,
+              relaxed: list[Request], budget: float, now: float) -> StepPlan:
+        """Add urgent decodes (always), then prefills (running and waiting, merged by
+        deadline; each takes its largest chunk within budget, until one does not fit),
+        then relaxed decodes that fit. ``partial``/``waiting`` are (due, i, request)."""
+        # EDF: once a prefill does not fit, later ones wait; once the pool cannot hold
+        # a waiting prompt (or the step preempted), no later one is admitted either.
+        state = {"prefills_open": True, "admitting": True}
+
+        def waiting_candidates():
+            for item in waiting:
+                if not state["admitting"]:
+                    return
+                yield item
 
         def prefill_candidates():
-            for r in prefills:
+            for _, _, r in heapq.merge(partial, waiting_candidates(), key=lambda x: x[:2]):
                 if not state["prefills_open"]:
                     return
                 yield r, False
@@ -187,7 +215,6 @@ class FairBatchingScheduler(Scheduler):
         preempted: list[Request] = []
         feats = StepFeatures()
         seen: set[str] = set()  # a request preempted in this step must not come back in it
-        admitting = True  # FCFS admission stops at the first prompt the pool cannot hold
 
         for request, must_run in order:
             if len(chunks) >= max_seqs:
@@ -198,34 +225,33 @@ class FairBatchingScheduler(Scheduler):
             # As in every policy, a step that preempted admits nobody (the victim, now
             # first in line, must not be displaced by a newcomer), and admission is FCFS
             # within the deadline order: it stops at the first prompt the pool cannot hold.
-            if request.status is RequestStatus.WAITING and (preempted or not admitting):
+            if request.status is RequestStatus.WAITING and (preempted or not state["admitting"]):
+                state["admitting"] = False
                 continue
             decode = request.num_remaining == 1 and request.num_output_tokens > 0
             start = request.num_computed_tokens
             if decode:
-                cand = feats.with_chunk(1, start + 1, True)
-                if not must_run and (cand.num_tokens > optional_tokens
-                                     or not self._fits(cand, budget)):
-                    continue
                 num = 1
+                if feats.num_tokens + 1 > (token_budget if must_run else optional_tokens):
+                    continue
+                if not must_run and not self._fits(feats.with_chunk(1, start + 1, True),
+                                                   budget):
+                    continue
             else:
                 num = self._largest_chunk(feats, request, budget,
-                                          optional_tokens - feats.num_tokens)
+                                          min(optional_tokens, token_budget) - feats.num_tokens)
                 if num == 0:
                     state["prefills_open"] = False
                     continue
-                cand = feats.with_chunk(num, start + num, False)
-            if cand.num_tokens > token_budget:
-                continue
             if request.status is RequestStatus.WAITING:
                 if not self.kv.ensure(request.request_id, start + num):
-                    admitting = False
+                    state["admitting"] = False
                     continue
                 self.admit(request, now)
             elif not self._allocate_or_preempt(request, num, preempted):
                 continue
             chunks.append(ScheduledChunk(request, num, start))
-            feats = cand
+            feats.add(num, start + num, decode)
 
         if preempted:  # a victim may have been scheduled before it was preempted
             chunks = [c for c in chunks if c.request.status is RequestStatus.RUNNING]
