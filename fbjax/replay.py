@@ -34,6 +34,8 @@ flags.DEFINE_string("profile", "a100-llama3-8b", "Latency profile name or path."
 flags.DEFINE_float("rate_scale", 1.0, "Multiply the trace's arrival rate by this.")
 flags.DEFINE_float("slo_ttft_ms", 3000.0, "TTFT SLO in ms.")
 flags.DEFINE_float("slo_tpot_ms", 100.0, "TPOT SLO in ms.")
+flags.DEFINE_float("slo_ttft_prefill_multiple", None, "If set, a request's TTFT SLO is at "
+                   "least this multiple of its own unloaded prefill time (long prompts).")
 flags.DEFINE_float("start_s", 0.0, "Replay the trace from this time (seconds).")
 flags.DEFINE_float("duration_s", None, "Replay only this many seconds of the trace.")
 flags.DEFINE_float("jitter_s", 0.0, "Spread quantized arrivals (Mooncake) uniformly over this.")
@@ -117,7 +119,8 @@ def main(argv: list[str]) -> int:
         if FLAGS.start_s or end is not None:
             trace = trace.sliced(FLAGS.start_s, end)
         profile = load_profile(FLAGS.profile)
-        slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3)
+        slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3,
+                  FLAGS.slo_ttft_prefill_multiple)
         if FLAGS.sarathi_budget == "deployed":
             context = int(sorted(r.prompt_len for r in trace)[int(0.9 * (len(trace) - 1))])
             budget = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s, context)

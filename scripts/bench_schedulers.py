@@ -1,8 +1,9 @@
 """FairBatching vs Sarathi-Serve vs vLLM-style chunked prefill in the simulator.
 
 Follows DESIGN.md "Evaluation protocol": for each trace and SLO setting (strict and
-relaxed, as multiples of the profile's unloaded latencies: TTFT x the prefill of the
-trace's median prompt alone, TPOT x one decode step at median context), it finds each
+relaxed, as multiples of the profile's unloaded latencies: a request's TTFT SLO is
+k x its own prefill time alone, floored at k x that of the trace's median prompt; TPOT
+is k' x one decode step at median context), it finds each
 policy's capacity (highest rate scale with >= 99% of requests meeting both SLOs, by
 bisection), then compares everyone at Sarathi-as-deployed's capacity: P50/P99 TTFT,
 TPOT attainment in the vLLM view and in the envelope view. Baselines: Sarathi as
@@ -28,9 +29,14 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
-from fbjax.sched.latency import StepFeatures  # noqa: E402
 from fbjax.sim.experiment import SLO, capacity, simulate  # noqa: E402
-from fbjax.sim.instance import PolicySpec, deployed_chunk_size, load_profile  # noqa: E402
+from fbjax.sim.instance import (  # noqa: E402
+    PolicySpec,
+    deployed_chunk_size,
+    load_profile,
+    unloaded_decode_s,
+    unloaded_prefill_s,
+)
 from fbjax.traces import load_trace  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,15 +56,11 @@ VLLM_BUDGET = 2048
 
 
 def unloaded(profile, trace) -> tuple[float, float]:
-    lat, buckets = profile.latency, profile.buckets
-    prompt = int(min(np.median(trace.prompt_lens), buckets.max_tokens))
-    prefill = StepFeatures()
-    prefill.add(prompt, prompt, False)
+    """Unloaded TTFT of the trace's median prompt and TPOT at its median context."""
+    prompt = int(np.median(trace.prompt_lens))
     context = int(np.median(trace.prompt_lens) + np.median(trace.output_lens) / 2)
-    decode = StepFeatures()
-    decode.add(1, context, True)
-    return (lat.predict(buckets.pick(prompt, 1), prefill),
-            lat.predict(buckets.pick(1, 1), decode))
+    return (unloaded_prefill_s(profile.latency, profile.buckets, prompt),
+            unloaded_decode_s(profile.latency, profile.buckets, context))
 
 
 def specs(slo: SLO, deployed: int, ablations: bool) -> list[PolicySpec]:
@@ -89,7 +91,7 @@ def main(argv):
         ttft0, tpot0 = unloaded(profile, trace)
         for setting in FLAGS.settings:
             k_ttft, k_tpot = SETTINGS[setting]
-            slo = SLO(k_ttft * ttft0, k_tpot * tpot0)
+            slo = SLO(k_ttft * ttft0, k_tpot * tpot0, ttft_prefill_multiple=k_ttft)
             context = int(np.percentile(trace.prompt_lens, 90))
             deployed = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s,
                                            context)

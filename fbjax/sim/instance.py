@@ -59,6 +59,24 @@ def load_profile(name_or_path: str | Path) -> Profile:
                    int(meta.get("page_size", DEFAULT_PAGE_SIZE)))
 
 
+def unloaded_prefill_s(latency: LatencyModel, buckets: BucketConfig, prompt_len: int) -> float:
+    """Time to prefill ``prompt_len`` tokens alone on an idle instance, in largest-bucket
+    chunks: the request's own floor for TTFT."""
+    total, done = 0.0, 0
+    while done < prompt_len:
+        n = min(buckets.max_tokens, prompt_len - done)
+        feats = StepFeatures.of_chunks([(n, done + n, False)])
+        total += latency.predict(buckets.pick(n, 1), feats)
+        done += n
+    return total
+
+
+def unloaded_decode_s(latency: LatencyModel, buckets: BucketConfig, context: int) -> float:
+    """One decode step of a single request at ``context`` on an idle instance."""
+    feats = StepFeatures.of_chunks([(1, context, True)])
+    return latency.predict(buckets.pick(1, 1), feats)
+
+
 def worst_case_step_time(latency: LatencyModel, buckets: BucketConfig, tokens: int,
                          max_seqs: int, context: int) -> float:
     """Predicted time of the heaviest step a fixed ``tokens`` budget admits: half its
