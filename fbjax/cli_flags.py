@@ -17,7 +17,8 @@ flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step "
 flags.DEFINE_integer("page_size", CacheConfig.page_size, "KV cache page size in tokens.")
 flags.DEFINE_integer("num_pages", CacheConfig.num_pages, "KV cache pages.")
 flags.DEFINE_integer("max_model_len", None, "Context limit (default: the model's).")
-flags.DEFINE_string("attention_impl", "reference", "Attention implementation.")
+flags.DEFINE_string("attention_impl", "auto", "Attention implementation (auto: xla on CPU, "
+                    "reference elsewhere).")
 
 FLAGS = flags.FLAGS
 

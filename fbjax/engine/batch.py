@@ -66,6 +66,9 @@ def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBa
 def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> RaggedBatch:
     """Fill a bucket-shaped batch from the plan's chunks and their page tables.
 
+    Python touches each chunk once (its tokens, page table and sampling controls);
+    positions and cache slots are computed for all tokens at once in numpy.
+
     Unseeded requests sample with seed 0 here; the engine gives each one a seed of its
     own when it is added, so this default only matters to direct callers.
     """
@@ -74,28 +77,47 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     att, smp = batch.attention, batch.sampling
     page_size = kv.page_size
     att.slot_mapping[:] = kv.num_pages * page_size  # padding writes are dropped
-    offset = 0
-    for i, chunk in enumerate(plan.chunks):
-        request, n, start = chunk.request, chunk.num_tokens, chunk.start
+    chunks = plan.chunks
+    n = len(chunks)
+    att.num_seqs[...] = n
+    if not n:
+        return batch
+    tokens: list[int] = []
+    starts, lens = [], []
+    temperature, top_k, top_p, seeds, output_index = [], [], [], [], []
+    for i, chunk in enumerate(chunks):
+        request, count, start = chunk.request, chunk.num_tokens, chunk.start
+        if count == 1:
+            tokens.append(request.token_ids[start])
+        else:
+            tokens.extend(request.token_ids[start:start + count])
+        starts.append(start)
+        lens.append(count)
         table = kv.block_table(request.request_id)
-        end = offset + n
-        batch.tokens[offset:end] = request.token_ids[start:start + n]
-        positions = np.arange(start, start + n, dtype=np.int32)
-        att.positions[offset:end] = positions
-        table_arr = np.asarray(table, np.int32)
-        att.slot_mapping[offset:end] = table_arr[positions // page_size] * page_size + (
-            positions % page_size)
-        att.kv_lens[i] = start + n
-        att.page_indices[i, :len(table)] = table_arr
-        att.cu_q_lens[i + 1] = end
-        batch.logits_indices[i] = end - 1
+        att.page_indices[i, :len(table)] = table
         sp = request.sampling
-        smp.temperature[i] = sp.temperature
-        smp.top_k[i] = sp.top_k
-        smp.top_p[i] = sp.top_p
-        smp.seeds[i] = 0 if sp.seed is None else sp.seed
-        smp.output_index[i] = request.num_output_tokens
-        offset = end
-    att.cu_q_lens[len(plan.chunks) + 1:] = offset
-    att.num_seqs[...] = len(plan.chunks)
+        temperature.append(sp.temperature)
+        top_k.append(sp.top_k)
+        top_p.append(sp.top_p)
+        seeds.append(0 if sp.seed is None else sp.seed)
+        output_index.append(request.num_output_tokens)
+    lens_arr = np.asarray(lens, np.int32)
+    starts_arr = np.asarray(starts, np.int32)
+    ends = np.cumsum(lens_arr, dtype=np.int32)
+    total = int(ends[-1])
+    seq_of_token = np.repeat(np.arange(n, dtype=np.int32), lens_arr)
+    positions = np.arange(total, dtype=np.int32) + (starts_arr - (ends - lens_arr))[seq_of_token]
+    batch.tokens[:total] = tokens
+    att.positions[:total] = positions
+    att.slot_mapping[:total] = (att.page_indices[seq_of_token, positions // page_size]
+                                * page_size + positions % page_size)
+    att.kv_lens[:n] = starts_arr + lens_arr
+    att.cu_q_lens[1:n + 1] = ends
+    att.cu_q_lens[n + 1:] = total
+    batch.logits_indices[:n] = ends - 1
+    smp.temperature[:n] = temperature
+    smp.top_k[:n] = top_k
+    smp.top_p[:n] = top_p
+    smp.seeds[:n] = seeds
+    smp.output_index[:n] = output_index
     return batch

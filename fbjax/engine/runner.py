@@ -48,7 +48,7 @@ class ModelRunner:
     """Holds params and the page pool; runs a batch on its bucket's executable."""
 
     def __init__(self, model_config: ModelConfig, params, cache: CacheConfig,
-                 buckets: BucketConfig, max_model_len: int, attention_impl: str = "reference",
+                 buckets: BucketConfig, max_model_len: int, attention_impl: str = "auto",
                  dtype=jnp.float32, show_progress: bool = True) -> None:
         self.model_config = model_config
         self.params = params

@@ -19,7 +19,8 @@ def test_pallas_path_matches_reference_greedy(builtin_model, impl):
                  max_model_len=128)
     prompts = [[256, 72, 101, 108, 108, 111], [256] + list(range(40, 70))]
     sampling = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    reference = LLMEngine(engine_config(**small), loaded=builtin_model)
+    reference = LLMEngine(engine_config(attention_impl="reference", **small),
+                          loaded=builtin_model)
     pallas = LLMEngine(engine_config(attention_impl=impl, **small), loaded=builtin_model)
     expected = [o.token_ids for o in reference.generate(prompts, sampling)]
     assert [o.token_ids for o in pallas.generate(prompts, sampling)] == expected

@@ -9,7 +9,6 @@ prefill token, c = 5 ms per decode; SLOs TTFT 3 s and TPOT 0.1 s; chunk_align 16
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import random
 
