@@ -10,51 +10,23 @@ from hypothesis import strategies as st
 
 from fbjax.config import BucketConfig
 from fbjax.engine.kv_cache import KVCacheManager
-from fbjax.sched.base import StepLimits, StepPlan
+from fbjax.sched.base import StepLimits
 from fbjax.sched.registry import make_scheduler
-from fbjax.sched.request import Request, RequestStatus, SamplingParams
+from fbjax.sched.request import RequestStatus
 from fbjax.sched.sarathi import SarathiScheduler
-
-PROMPT_TOKEN = 100
-OUT_TOKEN = 7
-
-
-def make_request(rid: str, prompt_len: int, max_tokens: int = 4, *,
-                 arrival: float = 0.0) -> Request:
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Request(rid, [PROMPT_TOKEN] * prompt_len, sampling, arrival)
-
-
-def make_sched(*, num_pages: int = 64, page_size: int = 4, max_tokens: int | None = None,
-               max_seqs: int | None = None, token_buckets=(8, 16, 32),
-               seq_buckets=(2, 4, 8)) -> SarathiScheduler:
-    buckets = BucketConfig(token_buckets=token_buckets, seq_buckets=seq_buckets)
-    limits = StepLimits.from_buckets(buckets, max_tokens, max_seqs)
-    return SarathiScheduler(limits, KVCacheManager(num_pages, page_size))
+from tests.sched.helpers import (
+    OUT_TOKEN,
+    chunks_of,
+    ids,
+    make_policy,
+    make_request,
+    owned_pages,
+    put_running,
+)
 
 
-def put_running(sched: SarathiScheduler, request: Request, *, computed: int,
-                outputs: int = 0) -> Request:
-    """Hand-build a running request: ``outputs`` sampled tokens, ``computed`` cached."""
-    sched.add_request(request)
-    for _ in range(outputs):
-        request.append_output(OUT_TOKEN, 0.0)
-    request.num_computed_tokens = computed
-    assert sched.kv.ensure(request.request_id, computed)
-    sched.admit(request, 0.0)
-    return request
-
-
-def chunks_of(plan: StepPlan) -> list[tuple[str, int, int]]:
-    return [(c.request.request_id, c.num_tokens, c.start) for c in plan.chunks]
-
-
-def ids(requests) -> list[str]:
-    return [r.request_id for r in requests]
-
-
-def owned_pages(sched: SarathiScheduler) -> dict[str, int]:
-    return {k: len(v) for k, v in sched.kv._tables.items() if v}
+def make_sched(**kwargs) -> SarathiScheduler:
+    return make_policy(SarathiScheduler, **kwargs)
 
 
 # ----- order: decodes, ongoing prefills, new prompts ------------------------------------------
