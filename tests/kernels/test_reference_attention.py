@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.ragged_paged_attention import reference_attention, write_kv
+from kernels.ragged_paged_attention import reference_attention, write_kv, xla_attention
 
 from .oracle import RaggedBatch, make_ragged_batch, oracle_attention, pages_needed
 
@@ -22,6 +22,13 @@ attention = jax.jit(
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_block_tokens"),
 )
 jit_write_kv = jax.jit(write_kv)
+# The jnp implementations whose batch-invariance tests live here (the Pallas kernels'
+# interpreters are too slow for these shapes; their files test invariance their way).
+JITTED = {
+    "reference": attention,
+    "xla": jax.jit(xla_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap",
+                                                   "kv_block_tokens", "q_block")),
+}
 
 
 # (q_len, kv_len) per sequence for each scenario.
@@ -66,8 +73,8 @@ def make_batch(
     )
 
 
-def run(batch: RaggedBatch, **kw) -> np.ndarray:
-    return np.asarray(attention(*batch.args, **kw))
+def run(batch: RaggedBatch, impl: str = "reference", **kw) -> np.ndarray:
+    return np.asarray(JITTED[impl](*batch.args, **kw))
 
 
 def check_against_oracle(batch: RaggedBatch, dtype: str, **kw) -> np.ndarray:
@@ -363,46 +370,49 @@ INVARIANCE_TOL = {"float32": 2e-6, "bfloat16": 1e-2}
 @pytest.mark.parametrize("kw", [{}, {"sliding_window": 50, "soft_cap": 20.0}],
                          ids=["plain", "window_cap"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sequence_alone_equals_sequence_in_batch(dtype, kw):
+@pytest.mark.parametrize("impl", sorted(JITTED))
+def test_sequence_alone_equals_sequence_in_batch(impl, dtype, kw):
     batch = make_batch("mixed", dtype=dtype, extra_seqs=2, extra_tokens=7)
-    together = run(batch, **kw).astype(np.float32)
+    together = run(batch, impl, **kw).astype(np.float32)
     tol = INVARIANCE_TOL[dtype]
     for s in range(int(batch.num_seqs)):
         start, end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
-        alone = run(_alone(batch, s), **kw).astype(np.float32)
+        alone = run(_alone(batch, s), impl, **kw).astype(np.float32)
         np.testing.assert_allclose(alone, together[start:end], rtol=0, atol=tol,
                                    err_msg=f"sequence {s} differs")
         # alone but in a larger padded bucket (another token count, another program)
-        padded = run(_alone(batch, s, num_tokens=1024), **kw)[: end - start]
+        padded = run(_alone(batch, s, num_tokens=1024), impl, **kw)[: end - start]
         np.testing.assert_allclose(padded.astype(np.float32), together[start:end], rtol=0,
                                    atol=tol, err_msg=f"sequence {s} differs (padded)")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_no_cross_talk_between_sequences(dtype):
-    """Same shapes, other neighbours: a sequence's output is bitwise unchanged when
-    every other sequence's queries and context pages are replaced."""
+@pytest.mark.parametrize("impl", sorted(JITTED))
+def test_no_cross_talk_between_sequences(impl, dtype):
+    """Same shapes, other neighbours: a sequence's output is bitwise unchanged when every
+    other sequence's queries and context pages are replaced."""
     batch = make_batch("mixed", dtype=dtype, extra_seqs=2, extra_tokens=7)
-    base = run(batch)
+    base = run(batch, impl)
     rng = np.random.default_rng(5)
-    target = 1
-    start, end = int(batch.cu_q_lens[target]), int(batch.cu_q_lens[target + 1])
-    q = np.asarray(batch.q).copy()
-    noise = rng.standard_normal(q.shape).astype(np.float32)
-    q[:start] = noise[:start].astype(q.dtype)
-    q[end:] = noise[end:].astype(q.dtype)
-    mine = set(np.asarray(batch.page_indices)[target].tolist())
-    k_cache = np.asarray(batch.k_cache).copy()
-    others = [p for p in range(k_cache.shape[0]) if p not in mine]
-    k_cache[others] = rng.standard_normal(k_cache[others].shape).astype(k_cache.dtype)
-    args = list(batch.args)
-    args[0], args[1] = q, k_cache
-    out = np.asarray(attention(*args))
-    assert np.array_equal(out[start:end], base[start:end])
-    assert not np.array_equal(out[:start], base[:start])  # the others did change
+    for target in (0, 1, 4):  # a chunk with a prefix, a decode, a chunk with a prefix
+        start, end = int(batch.cu_q_lens[target]), int(batch.cu_q_lens[target + 1])
+        q = np.asarray(batch.q).copy()
+        noise = rng.standard_normal(q.shape).astype(q.dtype)
+        q[:start], q[end:] = noise[:start], noise[end:]
+        mine = set(np.asarray(batch.page_indices)[target].tolist())
+        k_cache = np.asarray(batch.k_cache).copy()
+        others = [p for p in range(k_cache.shape[0]) if p not in mine]
+        k_cache[others] = rng.standard_normal(k_cache[others].shape).astype(k_cache.dtype)
+        args = list(batch.args)
+        args[0], args[1] = q, k_cache
+        out = np.asarray(JITTED[impl](*args))
+        assert np.array_equal(out[start:end], base[start:end]), f"sequence {target}"
+        others_rows = np.r_[0:start, end:batch.num_real_tokens]
+        assert not np.array_equal(out[others_rows], base[others_rows])  # the others did
 
 
-def test_chunked_prefill_matches_single_chunk():
+@pytest.mark.parametrize("impl", sorted(JITTED))
+def test_chunked_prefill_matches_single_chunk(impl):
     rng = np.random.default_rng(11)
     prompt, split, page_size, kv_heads, q_heads, head_dim = 300, 173, 16, 2, 8, 64
     num_pages = 40
@@ -420,7 +430,7 @@ def test_chunked_prefill_matches_single_chunk():
 
     def step(k_cache, v_cache, lo, hi):
         k_cache, v_cache = jit_write_kv(k_cache, v_cache, k[lo:hi], v[lo:hi], slots[lo:hi])
-        out = attention(q[lo:hi], k_cache, v_cache, np.array([hi], np.int32), page_indices,
+        out = JITTED[impl](q[lo:hi], k_cache, v_cache, np.array([hi], np.int32), page_indices,
                         np.array([0, hi - lo], np.int32), one)
         return k_cache, v_cache, np.asarray(out)
 

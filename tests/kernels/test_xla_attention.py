@@ -14,15 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import kernels.ragged_paged_attention.xla as xla_module
-from kernels.ragged_paged_attention import get_attention, reference_attention, write_kv
+from kernels.ragged_paged_attention import get_attention, reference_attention
 from kernels.ragged_paged_attention import xla_attention as xla_fn
 
 from .oracle import make_ragged_batch, oracle_attention
 from .test_reference_attention import (
-    INVARIANCE_TOL,
     SCENARIOS,
     TOL,
-    _alone,
     make_batch,
     ragged_batches,
 )
@@ -155,72 +153,5 @@ def test_random_ragged_batches(params):
     check(batch)
 
 
-@pytest.mark.parametrize("kw", [{}, {"sliding_window": 50, "soft_cap": 20.0}],
-                         ids=["plain", "window_cap"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sequence_alone_equals_sequence_in_batch(dtype, kw):
-    batch = make_batch("mixed", dtype=dtype, extra_seqs=2, extra_tokens=7)
-    together = run(batch, **kw).astype(np.float32)
-    tol = INVARIANCE_TOL[dtype]
-    for s in range(int(batch.num_seqs)):
-        start, end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
-        alone = run(_alone(batch, s), **kw).astype(np.float32)
-        np.testing.assert_allclose(alone, together[start:end], rtol=0, atol=tol,
-                                   err_msg=f"sequence {s} differs")
-        padded = run(_alone(batch, s, num_tokens=1024), **kw)[: end - start]
-        np.testing.assert_allclose(padded.astype(np.float32), together[start:end], rtol=0,
-                                   atol=tol, err_msg=f"sequence {s} differs (padded)")
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_no_cross_talk_between_sequences(dtype):
-    """Same shapes, other neighbours: a sequence's output is bitwise unchanged when every
-    other sequence's queries and context pages are replaced."""
-    batch = make_batch("mixed", dtype=dtype, extra_seqs=2, extra_tokens=7)
-    base = run(batch)
-    rng = np.random.default_rng(5)
-    for target in (0, 1, 4):  # a chunk with a prefix, a decode, a chunk with a prefix
-        start, end = int(batch.cu_q_lens[target]), int(batch.cu_q_lens[target + 1])
-        q = np.asarray(batch.q).copy()
-        noise = rng.standard_normal(q.shape).astype(q.dtype)
-        q[:start], q[end:] = noise[:start], noise[end:]
-        mine = set(np.asarray(batch.page_indices)[target].tolist())
-        k_cache = np.asarray(batch.k_cache).copy()
-        others = [p for p in range(k_cache.shape[0]) if p not in mine]
-        k_cache[others] = rng.standard_normal(k_cache[others].shape).astype(k_cache.dtype)
-        args = list(batch.args)
-        args[0], args[1] = q, k_cache
-        out = np.asarray(attention(*args))
-        assert np.array_equal(out[start:end], base[start:end]), f"sequence {target}"
-        others_rows = np.r_[0:start, end:batch.num_real_tokens]
-        assert not np.array_equal(out[others_rows], base[others_rows])  # the others did
-
-
-def test_chunked_prefill_matches_single_chunk():
-    rng = np.random.default_rng(11)
-    prompt, split, page_size, kv_heads, q_heads, head_dim = 300, 173, 16, 2, 8, 64
-    shape = (40, page_size, kv_heads, head_dim)
-    cache_k = rng.standard_normal(shape, np.float32)
-    cache_v = rng.standard_normal(shape, np.float32)
-    q = rng.standard_normal((prompt, q_heads, head_dim), np.float32)
-    k = rng.standard_normal((prompt, kv_heads, head_dim), np.float32)
-    v = rng.standard_normal((prompt, kv_heads, head_dim), np.float32)
-    pages = rng.permutation(40)[: -(-prompt // page_size)].astype(np.int32)
-    pos = np.arange(prompt)
-    slots = (pages[pos // page_size] * page_size + pos % page_size).astype(np.int32)
-    one = np.asarray(1, np.int32)
-
-    def step(k_cache, v_cache, lo, hi):
-        k_cache, v_cache = jax.jit(write_kv)(k_cache, v_cache, k[lo:hi], v[lo:hi],
-                                             slots[lo:hi])
-        out = attention(q[lo:hi], k_cache, v_cache, np.array([hi], np.int32), pages[None],
-                        np.array([0, hi - lo], np.int32), one)
-        return k_cache, v_cache, np.asarray(out)
-
-    _, _, whole = step(cache_k, cache_v, 0, prompt)
-    k1, v1, first = step(cache_k, cache_v, 0, split)
-    k2, v2, second = step(k1, v1, split, prompt)
-    np.testing.assert_allclose(np.concatenate([first, second]), whole, rtol=1e-6, atol=1e-6)
-    expected = oracle_attention(q, np.asarray(k2), np.asarray(v2), np.array([prompt]),
-                                pages[None], np.array([0, prompt]), 1)
-    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-5)
+# Batch invariance, cross-talk and chunked prefill are tested for both jnp
+# implementations in test_reference_attention.py (parameterized by implementation).
