@@ -150,6 +150,8 @@ def test_models_health_load(http):
 
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
+    (b'{"prompt": "x", "temperature": NaN}', 422, "temperature"),
+    (b'[1, 2]', 422, None),
     ({"prompt": 5}, 422, "prompt.str"),
     ({"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
     ({"prompt": "x", "temperature": "hot"}, 422, "temperature"),
