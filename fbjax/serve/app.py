@@ -291,7 +291,8 @@ def build_app(state: ServerState) -> FastAPI:
                 try:
                     sampling = SamplingParams(max_tokens=max_tokens,
                                               temperature=body.temperature, top_p=body.top_p,
-                                              top_k=max(body.top_k, 0), seed=seed, stop=stop)
+                                              top_k=max(body.top_k, 0), seed=seed, stop=stop,
+                                              ignore_eos=body.ignore_eos)
                     state.engine.encode_and_validate(ids, sampling)
                 except (InvalidRequestError, ValueError) as e:
                     raise OpenAIError(400, str(e)) from None
