@@ -471,26 +471,28 @@ def _event(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _until_disconnect(request: Request, items: AsyncIterator, poll_s: float = 0.5):
-    """``items`` until exhausted or the client disconnects (checked every ``poll_s``)."""
+async def _until_disconnect(request: Request, items: AsyncIterator):
+    """``items`` until exhausted or the client disconnects, whichever comes first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
     iterator = items.__aiter__()
-    while True:
-        task = asyncio.ensure_future(iterator.__anext__())
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=poll_s)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    task.cancel()
-                    return
+    try:
+        while True:
+            task = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:  # the client is gone
+                task.cancel()
+                return
             try:
                 yield task.result()
             except StopAsyncIteration:
                 return
-        finally:
-            if not task.done():
-                task.cancel()
+    finally:
+        watcher.cancel()
 
 
 class _ApiKeyMiddleware:
