@@ -2,8 +2,9 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream as
 server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /load``
-(the scheduler's load estimate for a router, with queue and KV counts).
+``GET /v1/models`` (and ``/v1/models/{id}``), ``GET /health``, ``GET /metrics``
+(Prometheus), ``GET /load`` (the scheduler's load estimate for a router, with queue
+and KV counts).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``):
 malformed JSON 400, a body of the wrong shape or types 422, a bad value 400, an
@@ -434,6 +435,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         return {"object": "list", "data": [model_card(settings.model_name,
                                                       state.max_model_len)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        return model_card(check_model(model), state.max_model_len)
 
     @app.get("/health")
     async def health():
