@@ -24,13 +24,10 @@ from fbjax.config import BucketConfig
 from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.request import Request, RequestStatus
 
-# Statuses of a finished request (RequestStatus.finished, as a set for hot loops).
-_FINISHED = frozenset(s for s in RequestStatus if s.finished)
 _RUNNING = RequestStatus.RUNNING
-_WAITING = RequestStatus.WAITING
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, init=False)
 class ScheduledChunk:
     """``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count).
 
@@ -45,12 +42,14 @@ class ScheduledChunk:
     completes: bool = dataclasses.field(init=False)
     is_decode: bool = dataclasses.field(init=False)
 
-    def __post_init__(self) -> None:
+    def __init__(self, request: Request, num_tokens: int, start: int) -> None:
         # Request.num_tokens / num_output_tokens inlined: one chunk per request per step.
-        request = self.request
+        self.request = request
+        self.num_tokens = num_tokens
+        self.start = start
         outputs = len(request.output_token_ids)
-        self.completes = completes = self.start + self.num_tokens == request.prompt_len + outputs
-        self.is_decode = self.num_tokens == 1 and completes and outputs > 0
+        self.completes = completes = start + num_tokens == request.prompt_len + outputs
+        self.is_decode = num_tokens == 1 and completes and outputs > 0
 
     @property
     def kv_len(self) -> int:
@@ -185,7 +184,8 @@ class Scheduler(abc.ABC):
         finished = []
         for chunk in plan.chunks:
             request = chunk.request
-            if request.status in _FINISHED:  # aborted while the step ran
+            status = request.status
+            if status is not _RUNNING and status.finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.completes:
@@ -198,13 +198,17 @@ class Scheduler(abc.ABC):
         return finished
 
     # ----- helpers for policies ---------------------------------------------------
-    def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request]) -> StepPlan:
+    def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request],
+                  num_tokens: int | None = None) -> StepPlan:
         """The plan of ``chunks``, less any whose request was preempted after being
         scheduled (a victim is taken from the tail of the running list, which a policy
-        that reorders its candidates may already have scheduled)."""
+        that reorders its candidates may already have scheduled). ``num_tokens``: their
+        total if the caller kept count (ignored when some were preempted)."""
         if preempted:
             chunks = [c for c in chunks if c.request.status is _RUNNING]
-        num_tokens = sum([c.num_tokens for c in chunks])
+            num_tokens = None
+        if num_tokens is None:
+            num_tokens = sum([c.num_tokens for c in chunks])
         bucket = self.pick_bucket(num_tokens, len(chunks)) if chunks else (0, 0)
         return StepPlan(bucket, chunks, preempted)
 

@@ -245,8 +245,23 @@ class FairBatchingScheduler(Scheduler):
         attn_qk = 0.0
         full = False  # the step holds max_num_seqs sequences: nothing else is weighed
 
-        # 1. Urgent decodes, whatever the time budget.
-        for r in urgent:
+        # 1. Urgent decodes, whatever the time budget. Usually they all fit the step
+        # and their pages: then only the pages need checking, decode by decode.
+        first_slow = 0
+        if len(urgent) <= max_seqs and len(urgent) <= token_budget:
+            context = 0  # sum of the decodes' kv_len - 1 (exact in a float: all ints)
+            for r in urgent:
+                start = r.num_computed_tokens
+                if len(block_table(r.request_id)) * page_size <= start:
+                    break  # needs a page: the general loop takes it from here
+                chunks.append(ScheduledChunk(r, 1, start))
+                context += start
+                if start + 1 > max_kv:
+                    max_kv = start + 1
+            first_slow = decodes = tokens = seqs = len(chunks)
+            attn_qk += context + seqs
+            kv_read += context + seqs
+        for r in urgent[first_slow:] if first_slow else urgent:
             if len(chunks) >= max_seqs:
                 full = True
                 break
@@ -363,8 +378,8 @@ class FairBatchingScheduler(Scheduler):
         if preempted:  # a victim may have been scheduled before it was preempted
             chunks = [c for c in chunks if c.request.status is running]
         if not chunks and self.has_unfinished():
-            chunks = self._force_progress(now, preempted)
-        return self.make_plan(chunks, preempted)
+            return self.make_plan(self._force_progress(now, preempted), preempted)
+        return self.make_plan(chunks, preempted, tokens)
 
     def _largest_chunk(self, request: Request, budget: float, room: int,
                        feats: tuple[int, int, int, int, float, int, int]) -> int:

@@ -122,10 +122,11 @@ class Request:
 
     def stop_reason(self) -> RequestStatus | None:
         """Status to finish with after the latest token, judged on token ids only."""
-        last = self.output_token_ids[-1]
-        if last in self.eos_token_ids or last in self.sampling.stop_token_ids:
+        outputs, sampling = self.output_token_ids, self.sampling
+        last = outputs[-1]
+        if last in self.eos_token_ids or last in sampling.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.sampling.max_tokens:
+        if len(outputs) >= sampling.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 
