@@ -99,6 +99,9 @@ class FairBatchingScheduler(Scheduler):
                              f"{'...' if len(missing) > 4 else ''}; profile this bucket set")
         self.step_tokens = min(self.config.step_tokens or self.knee_tokens(),
                                limits.max_num_batched_tokens)
+        # Non-negative coefficients make predictions monotone in every feature
+        # (LatencyModel's contract); _form then clears relaxed decodes in runs.
+        self._monotone_latency = all(float(min(c)) >= 0 for c in latency.coefficients.values())
         # Waiting requests sorted by deadline, kept up to date as they come and go: a
         # waiting request's next-token deadline cannot change while it waits, and with a
         # thousand queued prompts re-sorting them every step would dominate its cost.
@@ -337,13 +340,23 @@ class FairBatchingScheduler(Scheduler):
                 if start + num > max_kv:
                     max_kv = start + num
 
-        # 3. Decodes with slack to spare, while the step stays within budget.
+        # 3. Decodes with slack to spare, while the step stays within budget. Each is
+        # weighed alone, but with a monotone latency model one prediction can clear a
+        # run of them at once: as long as the step stays on one bucket, a step holding
+        # any subset of the next m decodes costs no more than one holding all m, so if
+        # that fits, each of them passes its own test (and only the other checks run).
         if not full and relaxed:
             unbounded = math.isinf(budget)
             pick = self.pick_bucket
             predict = self.latency.predict
             probe = StepFeatures()
+            # Decodes relaxed[:cleared] passed as a run; relaxed[:tried] were in a run
+            # that did not (those are weighed one by one).
+            cleared = 0
+            tried = 0 if self._monotone_latency else len(relaxed)
+            index = 0
             for r in relaxed:
+                index += 1
                 if len(chunks) >= max_seqs:
                     break
                 if r.status is not running:  # preempted earlier in this step
@@ -353,7 +366,33 @@ class FairBatchingScheduler(Scheduler):
                 start = r.num_computed_tokens
                 if tokens + 1 > token_budget or seqs + 1 > max_seqs:
                     continue
-                if not unbounded:  # predict(with this decode) <= budget
+                if not unbounded and index > cleared and index > tried:
+                    bucket_tokens, bucket_seqs = bucket = pick(tokens + 1, seqs + 1)
+                    # The next m decodes (this one first) keep the step on this bucket
+                    # however many of them join: seqs + m <= its seqs, tokens + m <= its
+                    # tokens.
+                    m = min(bucket_seqs - seqs, bucket_tokens - tokens,
+                            len(relaxed) - index + 1)
+                    if m > 1:
+                        context = 0
+                        longest = max_kv
+                        for other in relaxed[index - 1:index - 1 + m]:
+                            kv_len = other.num_computed_tokens + 1
+                            context += kv_len
+                            if kv_len > longest:
+                                longest = kv_len
+                        probe.prefill_tokens = prefill
+                        probe.num_decodes = decodes + m
+                        probe.num_tokens = tokens + m
+                        probe.num_seqs = seqs + m
+                        probe.attn_qk = attn_qk + context
+                        probe.kv_read = kv_read + context
+                        probe.max_kv = longest
+                        if predict(bucket, probe) <= budget:
+                            cleared = index - 1 + m
+                        else:
+                            tried = index - 1 + m
+                if not unbounded and index > cleared:  # predict(with this decode) <= budget
                     probe.prefill_tokens = prefill
                     probe.num_decodes = decodes + 1
                     probe.num_tokens = tokens + 1
