@@ -190,8 +190,7 @@ class Scheduler(abc.ABC):
             request.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.completes:
                 continue
-            request.append_output(sampled[request.request_id], now)
-            status = request.stop_reason()
+            status = request.add_output(sampled[request.request_id], now)
             if status is not None:
                 self.finish_request(request, status, now)
                 finished.append(request)
