@@ -173,33 +173,7 @@ class FairBatchingScheduler(Scheduler):
     # docstrings, only cheaper (tests/sched pins them on hand-built states).
     def schedule(self, now: float) -> StepPlan:
         config = self.config
-        default_ttft, default_tpot = config.ttft_slo_s, config.tpot_slo_s
-        arrival_anchor = config.anchor == "arrival"
-        stall = config.max_decode_stall_s
-        decodes: list[Request] = []
-        dues: list[float] = []  # decodes' next-token deadlines (due(), inlined)
-        tpots: list[float] = []
-        partial: list[Request] = []  # running prompts not yet fully prefilled
-        for r in self.running:
-            outputs = len(r.output_token_ids)
-            if not outputs or r.prompt_len + outputs - r.num_computed_tokens != 1:
-                partial.append(r)
-                continue
-            decodes.append(r)
-            tpot = r.tpot_slo
-            if tpot is None:
-                tpot = default_tpot
-            tpots.append(tpot)
-            if arrival_anchor:
-                ttft = r.ttft_slo
-                d = r.arrival_time + (default_ttft if ttft is None else ttft) + outputs * tpot
-            else:
-                d = r.token_times[0] + outputs * tpot
-            if stall is not None:
-                cap = r.token_times[-1] + stall
-                if cap < d:
-                    d = cap
-            dues.append(d)
+        decodes, dues, tpots, partial = self._split_running()
         if decodes:
             # A stable sort on the deadline alone: ties keep queue order.
             order = sorted(range(len(dues)), key=dues.__getitem__)
@@ -220,6 +194,39 @@ class FairBatchingScheduler(Scheduler):
         partial_by_due = sorted([(due(r), i, r) for i, r in enumerate(partial)])
         return self._form(urgent, partial_by_due, relaxed,
                           budget if config.adaptive_capacity else math.inf, now)
+
+    def _split_running(self) -> tuple[list[Request], list[float], list[float], list[Request]]:
+        """The running list split into decodes (with each one's ``due()`` and TPOT SLO,
+        computed inline) and partly prefilled prompts, both in queue order."""
+        config = self.config
+        default_ttft, default_tpot = config.ttft_slo_s, config.tpot_slo_s
+        arrival_anchor = config.anchor == "arrival"
+        stall = config.max_decode_stall_s
+        decodes: list[Request] = []
+        dues: list[float] = []
+        tpots: list[float] = []
+        partial: list[Request] = []
+        for r in self.running:
+            outputs = len(r.output_token_ids)
+            if not outputs or r.prompt_len + outputs - r.num_computed_tokens != 1:
+                partial.append(r)
+                continue
+            decodes.append(r)
+            tpot = r.tpot_slo
+            if tpot is None:
+                tpot = default_tpot
+            tpots.append(tpot)
+            if arrival_anchor:
+                ttft = r.ttft_slo
+                d = r.arrival_time + (default_ttft if ttft is None else ttft) + outputs * tpot
+            else:
+                d = r.token_times[0] + outputs * tpot
+            if stall is not None:
+                cap = r.token_times[-1] + stall
+                if cap < d:
+                    d = cap
+            dues.append(d)
+        return decodes, dues, tpots, partial
 
     def _form(self, urgent: list[Request], partial: list, relaxed: list[Request],
               budget: float, now: float) -> StepPlan:
