@@ -32,6 +32,7 @@ OUT = 7
 NOW = 10.0
 BUCKETS = BucketConfig(token_buckets=(16, 32, 64, 128, 256, 512), seq_buckets=(4, 8, 16))
 A, B_PREFILL, C_DECODE = 0.0105, 0.001, 0.005
+DEFAULT_STALL_TPOTS = FairBatchingConfig().max_decode_stall_tpots
 
 
 def linear_model(a: float = A, b: float = B_PREFILL, c: float = C_DECODE,
@@ -50,6 +51,10 @@ def make_fb(config: FairBatchingConfig | None = None, *, model: LatencyModel | N
     config = config or FairBatchingConfig()
     if config.step_tokens is None:
         config = dataclasses.replace(config, step_tokens=10**9)
+    # Nor the default stall cap: these states bank seconds of slack on purpose, to pin
+    # the envelope itself (the cap has tests of its own).
+    if config.max_decode_stall_tpots == DEFAULT_STALL_TPOTS:
+        config = dataclasses.replace(config, max_decode_stall_tpots=None)
     return FairBatchingScheduler(limits, KVCacheManager(num_pages, page_size),
                                  model or linear_model(buckets=buckets), config)
 
@@ -133,6 +138,27 @@ def test_max_decode_stall_caps_banked_slack():
     assert sched.due(w) == pytest.approx(4.0)  # no cap before the first token
 
 
+def test_default_caps_stalls_at_three_tpots():
+    assert FairBatchingConfig().max_decode_stall_tpots == 3.0
+    sched = FairBatchingScheduler(StepLimits.from_buckets(BUCKETS), KVCacheManager(1024, 16),
+                                  linear_model())
+    far = put_decode(sched, "far", [4.0 + 0.01 * i for i in range(20)])  # last at 4.19
+    assert sched.due(far) == pytest.approx(4.19 + 3 * 0.1)
+
+
+def test_max_decode_stall_in_tpots_uses_each_requests_own_tpot():
+    sched = make_fb(FairBatchingConfig(max_decode_stall_tpots=2.0))
+    far = put_decode(sched, "far", [4.0 + 0.01 * i for i in range(20)])  # last at 4.19
+    assert sched.due(far) == pytest.approx(4.19 + 2 * 0.1)
+    own = put_decode(sched, "own", [4.0 + 0.01 * i for i in range(20)], tpot_slo=0.05)
+    assert sched.due(own) == pytest.approx(4.19 + 2 * 0.05)
+    both = make_fb(FairBatchingConfig(max_decode_stall_tpots=2.0, max_decode_stall_s=0.15))
+    r = put_decode(both, "r", [4.0 + 0.01 * i for i in range(20)])
+    assert both.due(r) == pytest.approx(4.19 + 0.15)  # the tighter cap wins
+    w = put_waiting(sched, "w", 5, arrival=1.0)
+    assert sched.due(w) == pytest.approx(4.0)  # no cap before the first token
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="anchor"):
         FairBatchingConfig(anchor="nope")
@@ -140,6 +166,8 @@ def test_config_validation():
         FairBatchingConfig(tpot_slo_s=0)
     with pytest.raises(ValueError):
         FairBatchingConfig(max_decode_stall_s=0)
+    with pytest.raises(ValueError):
+        FairBatchingConfig(max_decode_stall_tpots=-1.0)
     with pytest.raises(ValueError, match="latency model lacks buckets"):
         make_fb(model=LatencyModel({(16, 4): np.zeros(len(FEATURES))}))
 
@@ -464,6 +492,7 @@ def configs(draw) -> FairBatchingConfig:
         anchor=draw(st.sampled_from(["first_token", "arrival"])),
         urgency_margin=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
         max_decode_stall_s=draw(st.sampled_from([None, 0.05, 0.3])),
+        max_decode_stall_tpots=draw(st.sampled_from([None, 1.5, 5.0])),
         chunk_align=draw(st.sampled_from([1, 8, 16])),
         adaptive_capacity=draw(st.booleans()), fair_formation=draw(st.booleans()))
 
@@ -621,7 +650,8 @@ def feasible_states(draw):
     config = FairBatchingConfig(anchor=draw(st.sampled_from(["first_token", "arrival"])),
                                 urgency_margin=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
                                 chunk_align=draw(st.sampled_from([1, 16])),
-                                fair_formation=draw(st.booleans()))
+                                fair_formation=draw(st.booleans()),
+                                max_decode_stall_tpots=None)  # deadlines: the envelope
     model = draw(monotone_models())
     n = draw(st.integers(1, 12))
     decodes = draw(st.lists(st.tuples(st.integers(1, 200), st.integers(3, 30),
