@@ -512,7 +512,9 @@ def any_models(draw) -> LatencyModel:
 @st.composite
 def random_states(draw, max_decodes: int = 10, models=None):
     config = draw(configs())
-    model = draw(models or monotone_models(impossible=draw(st.booleans())))
+    if models is None:
+        models = monotone_models(impossible=draw(st.booleans()))
+    model = draw(models)
     page_size = draw(st.sampled_from([1, 2, 4, 16]))  # 1: every decode needs a page
     # (prompt, gaps between tokens, arrival-to-first-token, TTFT, TPOT): ahead of or
     # behind the envelope
