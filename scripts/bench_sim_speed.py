@@ -66,18 +66,21 @@ def loaded_state(spec: PolicySpec, profile, running: int, waiting: int):
 def per_step_costs(specs: list[PolicySpec], profile, repeats: int
                    ) -> dict[str, tuple[float, int]]:
     """Median seconds per schedule() and chunks per plan, for each policy. Every call
-    gets a fresh copy of the loaded state; its set-up and the garbage it leaves are
-    not timed (collected before the call). The policies take turns, so a load spike
-    on this shared machine hits them alike."""
+    gets a fresh copy of the loaded state, built untimed; the garbage collector waits
+    during the call (a collection of the set-up's garbage is not the scheduler's cost;
+    a full gc.collect() before each call would evict the caches instead). The policies
+    take turns, so a load spike on this shared machine hits them alike."""
     times: dict[str, list[float]] = {spec.name: [] for spec in specs}
     chunks: dict[str, int] = {}
     for _ in range(repeats):
         for spec in specs:
             sched, now = loaded_state(spec, profile, FLAGS.running, FLAGS.waiting)
-            gc.collect()
+            gc.disable()
             start = time.perf_counter()
             plan = sched.schedule(now)
-            times[spec.name].append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            gc.enable()
+            times[spec.name].append(elapsed)
             chunks[spec.name] = plan.num_seqs
     return {name: (statistics.median(t), chunks[name]) for name, t in times.items()}
 
@@ -99,6 +102,7 @@ def main(argv):
         steps = len(outcome.result.steps)
         print(f"| {spec.name} | {wall:.2f} | {cpu:.2f} | {steps} | {steps / wall:.0f} |",
               flush=True)
+    del outcome  # a whole replay's objects would slow every collection below
 
     print(f"\nschedule() with {FLAGS.running} running decodes and {FLAGS.waiting} waiting "
           f"prompts (median of {FLAGS.repeats}; Sarathi caps a step at 128 sequences, so "
