@@ -10,7 +10,8 @@ TPOT attainment in the vLLM view and in the envelope view. Baselines: Sarathi as
 deployed (largest bucket whose worst-case step meets the TPOT SLO), Sarathi oracle (best
 capacity over budgets 256/512/1024/2048), vLLM-style with a 2048-token budget. Ablations:
 FairBatching without adaptive capacity (fixed token budget = Sarathi's), without fair
-formation (decode-first), and with the envelope anchored at arrival.
+formation (decode-first), with the envelope anchored at arrival, and without the
+decode stall cap (``max_decode_stall_tpots``).
 
     python scripts/bench_schedulers.py --traces azure_llm_2023_conv --duration_s 300
 """
@@ -48,6 +49,10 @@ flags.DEFINE_list("settings", ["strict", "relaxed"], "SLO settings to run.")
 flags.DEFINE_bool("ablations", True, "Also run the FairBatching ablations.")
 flags.DEFINE_float("tol", 0.03, "Relative tolerance of the capacity bisection.")
 flags.DEFINE_string("json", None, "Write all figures here.")
+flags.DEFINE_list("stall_caps", [], "Also run FairBatching with max_decode_stall_tpots set "
+                  "to each of these multiples of the TPOT SLO (rows fb-stall-<k>x).")
+flags.DEFINE_list("only", [], "Run only these rows (plus sarathi-deployed and fairbatching, "
+                  "which the comparison needs), e.g. fb-no-fair-formation,fb-stall-2x.")
 
 # SLO multiples of the unloaded latencies (DistServe / Sarathi-Serve practice).
 SETTINGS = {"strict": (10.0, 4.0), "relaxed": (25.0, 8.0)}
@@ -78,7 +83,16 @@ def specs(slo: SLO, deployed: int, ablations: bool) -> list[PolicySpec]:
                        fairbatching=dataclasses.replace(fb, fair_formation=False)),
             PolicySpec("fairbatching", label="fb-anchor-arrival",
                        fairbatching=dataclasses.replace(fb, anchor="arrival")),
+            PolicySpec("fairbatching", label="fb-no-stall-cap",
+                       fairbatching=dataclasses.replace(fb, max_decode_stall_tpots=None)),
         ]
+    for k in FLAGS.stall_caps:
+        out.append(PolicySpec("fairbatching", label=f"fb-stall-{k}x",
+                              fairbatching=dataclasses.replace(
+                                  fb, max_decode_stall_tpots=float(k))))
+    if FLAGS.only:
+        keep = set(FLAGS.only) | {f"sarathi-deployed({deployed})", "fairbatching"}
+        out = [spec for spec in out if spec.name in keep]
     return out
 
 
@@ -137,10 +151,12 @@ def main(argv):
                 return f"{a / b - 1:+.1%}" if b else "n/a (baseline capacity 0)"
 
             fb_cap = caps["fairbatching"]
+            vllm = caps.get(f"vllm-{VLLM_BUDGET}")
             print(f"  FairBatching: P99 TTFT {base['p99_ttft_ms'] / fb['p99_ttft_ms']:.2f}x "
                   f"lower than Sarathi deployed; capacity {gain(fb_cap, caps[ref_name])} vs "
-                  f"deployed, {gain(fb_cap, caps[oracle])} vs oracle ({oracle}), "
-                  f"{gain(fb_cap, caps[f'vllm-{VLLM_BUDGET}'])} vs vLLM", flush=True)
+                  f"deployed, {gain(fb_cap, caps[oracle])} vs oracle ({oracle})"
+                  + (f", {gain(fb_cap, vllm)} vs vLLM" if vllm is not None else ""),
+                  flush=True)
             report["runs"].append({"trace": trace_name, "setting": setting,
                                    "slo": dataclasses.asdict(slo), "deployed": deployed,
                                    "oracle": oracle, "rate_scale_compared": at, "rows": rows})

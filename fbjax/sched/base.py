@@ -15,15 +15,19 @@ itself, so a full pool never stalls the engine.
 from __future__ import annotations
 
 import abc
+import bisect
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 
 from fbjax.config import BucketConfig
 from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.request import Request, RequestStatus
 
+_RUNNING = RequestStatus.RUNNING
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(slots=True, init=False)
 class ScheduledChunk:
     """``num_tokens`` tokens of ``request`` starting at ``start`` (its computed count).
 
@@ -38,10 +42,14 @@ class ScheduledChunk:
     completes: bool = dataclasses.field(init=False)
     is_decode: bool = dataclasses.field(init=False)
 
-    def __post_init__(self) -> None:
-        self.completes = self.start + self.num_tokens == self.request.num_tokens
-        self.is_decode = (self.num_tokens == 1 and self.completes
-                          and self.request.num_output_tokens > 0)
+    def __init__(self, request: Request, num_tokens: int, start: int) -> None:
+        # Request.num_tokens / num_output_tokens inlined: one chunk per request per step.
+        self.request = request
+        self.num_tokens = num_tokens
+        self.start = start
+        outputs = len(request.output_token_ids)
+        self.completes = completes = start + num_tokens == request.prompt_len + outputs
+        self.is_decode = num_tokens == 1 and completes and outputs > 0
 
     @property
     def kv_len(self) -> int:
@@ -66,6 +74,23 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+def bucket_picker(buckets: BucketConfig) -> Callable[[int, int], tuple[int, int]]:
+    """``buckets.pick`` as two table look-ups (the same answers, errors included): a
+    policy may ask it for every candidate chunk it weighs."""
+    max_tokens, max_seqs = buckets.max_tokens, buckets.max_seqs
+    seq_ladder, token_ladder = buckets.seq_buckets, buckets.token_buckets
+    seq_of = [seq_ladder[bisect.bisect_left(seq_ladder, max(n, 1))] for n in range(max_seqs + 1)]
+    token_of = [token_ladder[bisect.bisect_left(token_ladder, n)] for n in range(max_tokens + 1)]
+
+    def pick(num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        if not (0 <= num_tokens <= max_tokens and 0 <= num_seqs <= max_seqs):
+            return buckets.pick(num_tokens, num_seqs)
+        seqs = seq_of[num_seqs]
+        return token_of[num_tokens if num_tokens > seqs else seqs], seqs
+
+    return pick
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +121,7 @@ class Scheduler(abc.ABC):
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.pick_bucket = bucket_picker(limits.buckets)
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -158,27 +184,31 @@ class Scheduler(abc.ABC):
         finished = []
         for chunk in plan.chunks:
             request = chunk.request
-            if request.finished:  # aborted while the step ran
+            status = request.status
+            if status is not _RUNNING and status.finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.completes:
                 continue
-            request.append_output(sampled[request.request_id], now)
-            status = request.stop_reason()
+            status = request.add_output(sampled[request.request_id], now)
             if status is not None:
                 self.finish_request(request, status, now)
                 finished.append(request)
         return finished
 
     # ----- helpers for policies ---------------------------------------------------
-    def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request]) -> StepPlan:
+    def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request],
+                  num_tokens: int | None = None) -> StepPlan:
         """The plan of ``chunks``, less any whose request was preempted after being
         scheduled (a victim is taken from the tail of the running list, which a policy
-        that reorders its candidates may already have scheduled)."""
+        that reorders its candidates may already have scheduled). ``num_tokens``: their
+        total if the caller kept count (ignored when some were preempted)."""
         if preempted:
-            chunks = [c for c in chunks if c.request.status is RequestStatus.RUNNING]
-        num_tokens = sum(c.num_tokens for c in chunks)
-        bucket = self.limits.buckets.pick(num_tokens, len(chunks)) if chunks else (0, 0)
+            chunks = [c for c in chunks if c.request.status is _RUNNING]
+            num_tokens = None
+        if num_tokens is None:
+            num_tokens = sum([c.num_tokens for c in chunks])
+        bucket = self.pick_bucket(num_tokens, len(chunks)) if chunks else (0, 0)
         return StepPlan(bucket, chunks, preempted)
 
     def admit_waiting_fcfs(self, chunks: list[ScheduledChunk], budget: int,
@@ -186,9 +216,11 @@ class Scheduler(abc.ABC):
         """Admit waiting requests first-come-first-served into ``chunks``, each chunked
         to the tokens left; stop at the first the step or the KV pool cannot hold (no
         skipping ahead, so a long prompt is never starved by shorter later ones)."""
-        for request in list(self.waiting):
-            if budget <= 0 or len(chunks) >= self.limits.max_num_seqs:
-                break
+        waiting = self.waiting
+        max_seqs = self.limits.max_num_seqs
+        # Each pass admits the head of the queue or stops, so the head is the next one.
+        while waiting and budget > 0 and len(chunks) < max_seqs:
+            request = waiting[0]
             num = min(request.num_remaining, budget)
             if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):
                 break
@@ -198,7 +230,11 @@ class Scheduler(abc.ABC):
 
     def admit(self, request: Request, now: float) -> None:
         """Move a waiting request to the running list."""
-        self.waiting.remove(request)
+        waiting = self.waiting
+        if waiting and waiting[0] is request:  # the usual case: FCFS admits the head
+            waiting.popleft()
+        else:
+            waiting.remove(request)
         self._waiting_removed(request)
         self.running.append(request)
         request.status = RequestStatus.RUNNING
@@ -210,7 +246,10 @@ class Scheduler(abc.ABC):
         """Allocate pages for ``num_tokens`` more tokens of a running request, preempting
         from the tail of the running list until they fit. False if ``request`` itself
         had to go (it was the lowest priority left)."""
-        while not self.kv.ensure(request.request_id, request.num_computed_tokens + num_tokens):
+        needed = request.num_computed_tokens + num_tokens
+        if len(self.kv.block_table(request.request_id)) * self.kv.page_size >= needed:
+            return True  # its pages already hold them (a decode needs a page 1 step in 16)
+        while not self.kv.ensure(request.request_id, needed):
             victim = self.running[-1]
             self.preempt(victim)
             preempted.append(victim)

@@ -9,8 +9,9 @@ Three ideas, each switchable for ablation:
    The envelope is monotonic: a request that ran ahead has banked slack it can lend
    out. We default to the first-token anchor because an arrival anchor lets TTFT
    slack leak into TPOT and breaks the vLLM-view TPOT SLO (DESIGN.md, "What a first
-   prototype showed"). ``max_decode_stall_s`` optionally caps how long a decode may be
-   skipped between two tokens, whatever its banked slack.
+   prototype showed"). ``max_decode_stall_tpots`` (default 3 TPOT SLOs) and
+   ``max_decode_stall_s`` cap how long a decode may be skipped between two tokens,
+   whatever its banked slack.
 2. **Adaptive capacity** (``adaptive_capacity``): each step gets a *time* budget
    ``max(min over running decodes of slack, min tpot_slo)``: as large as possible
    without making the most urgent decode late, never below one TPOT. The latency
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import heapq
 import itertools
 import math
 
@@ -60,6 +60,16 @@ class FairBatchingConfig:
     # smallest margin that survives a latency-model error of a full step.
     urgency_margin: float = 1.0
     max_decode_stall_s: float | None = None
+    # The same cap as a multiple of each request's own TPOT SLO (both apply if set).
+    # Banked slack alone let a decode sit out 2.4-39 s behind a prefill surge (azure
+    # conv and code, mooncake conversation, strict and relaxed SLOs, A100 Llama-3-8B
+    # profile, at and above FairBatching's capacity). Capped at 3 TPOTs, SLO
+    # attainment was equal or higher at 11 of those 12 points (conv relaxed, 600 s:
+    # 100% vs 99.4% at capacity, 32.1% vs 29.9% past it; the twelfth lost one request
+    # of 781) and the longest stall fell to 0.14-0.3 s (4 s in mooncake overload, from
+    # 39 s). 2 TPOTs gave back fair formation's gain on conv relaxed (96.1%, as with
+    # decode-first); 5 and 8 kept less of it than 3.
+    max_decode_stall_tpots: float | None = 3.0
     # Partial prefill chunks are rounded down to this many tokens, so a prompt is not
     # cut into slivers that cost a whole step each; 16 is the smallest token bucket.
     chunk_align: int = 16
@@ -84,6 +94,8 @@ class FairBatchingConfig:
             raise ValueError("SLOs must be positive")
         if self.max_decode_stall_s is not None and self.max_decode_stall_s <= 0:
             raise ValueError("max_decode_stall_s must be positive")
+        if self.max_decode_stall_tpots is not None and self.max_decode_stall_tpots <= 0:
+            raise ValueError("max_decode_stall_tpots must be positive")
 
 
 class FairBatchingScheduler(Scheduler):
@@ -100,6 +112,9 @@ class FairBatchingScheduler(Scheduler):
                              f"{'...' if len(missing) > 4 else ''}; profile this bucket set")
         self.step_tokens = min(self.config.step_tokens or self.knee_tokens(),
                                limits.max_num_batched_tokens)
+        # Non-negative coefficients make predictions monotone in every feature
+        # (LatencyModel's contract); _form then clears relaxed decodes in runs.
+        self._monotone_latency = all(float(min(c)) >= 0 for c in latency.coefficients.values())
         # Waiting requests sorted by deadline, kept up to date as they come and go: a
         # waiting request's next-token deadline cannot change while it waits, and with a
         # thousand queued prompts re-sorting them every step would dominate its cost.
@@ -150,6 +165,9 @@ class FairBatchingScheduler(Scheduler):
             due = request.token_times[0] + j * self.tpot_slo(request)
         if self.config.max_decode_stall_s is not None:
             due = min(due, request.token_times[-1] + self.config.max_decode_stall_s)
+        if self.config.max_decode_stall_tpots is not None:
+            due = min(due, request.token_times[-1]
+                      + self.config.max_decode_stall_tpots * self.tpot_slo(request))
         return due
 
     def time_budget(self, decodes: list[Request], now: float) -> float:
@@ -164,120 +182,299 @@ class FairBatchingScheduler(Scheduler):
         return max(earliest_due - now, min(self.tpot_slo(r) for r in decodes))
 
     # ----- the step -------------------------------------------------------------------
+    # schedule() runs every step over every running request and weighs each candidate
+    # against the latency model, so its hot loops inline what the helpers above compute
+    # (Request.num_remaining, due(), StepFeatures.add/with_chunk, BucketConfig.pick) with
+    # the very same expressions: the decisions are those of the plain formulation in the
+    # docstrings, only cheaper (tests/sched pins them on hand-built states).
     def schedule(self, now: float) -> StepPlan:
-        decodes: list[Request] = []
-        partial: list[Request] = []  # running prompts not yet fully prefilled
-        for r in self.running:
-            (decodes if r.num_remaining == 1 and r.num_output_tokens else partial).append(r)
-        due = self.due
-        # Each deadline computed once; the index breaks ties in queue order.
-        by_due = sorted((due(r), i, r) for i, r in enumerate(decodes))
-        partial_by_due = sorted((due(r), i, r) for i, r in enumerate(partial))
-        requests = self.requests
-        waiting_by_due = [(d, i, requests[rid]) for d, i, rid in self._waiting_by_due]
-        budget = self._budget(by_due[0][0], decodes, now) if decodes else math.inf
-        if self.config.fair_formation:
-            margin = self.config.urgency_margin
-            urgent = [r for d, _, r in by_due if d - now < budget + margin * self.tpot_slo(r)]
-            relaxed = [r for d, _, r in by_due if not d - now < budget + margin * self.tpot_slo(r)]
+        config = self.config
+        decodes, dues, tpots, partial = self._split_running()
+        if decodes:
+            # A stable sort on the deadline alone: ties keep queue order.
+            order = sorted(range(len(dues)), key=dues.__getitem__)
+            budget = max(dues[order[0]] - now, min(tpots))
+            if config.fair_formation:
+                margin = config.urgency_margin
+                urgent: list[Request] = []
+                relaxed: list[Request] = []
+                for k in order:
+                    (urgent if dues[k] - now < budget + margin * tpots[k]
+                     else relaxed).append(decodes[k])
+            else:
+                urgent, relaxed = [decodes[k] for k in order], []
         else:
-            urgent, relaxed = [r for _, _, r in by_due], []
-        return self._form(urgent, partial_by_due, waiting_by_due, relaxed,
-                          budget if self.config.adaptive_capacity else math.inf, now)
+            budget, urgent, relaxed = math.inf, [], []
+        due = self.due
+        # (deadline, index, request): the index breaks ties in queue order.
+        partial_by_due = sorted([(due(r), i, r) for i, r in enumerate(partial)])
+        return self._form(urgent, partial_by_due, relaxed,
+                          budget if config.adaptive_capacity else math.inf, now)
 
-    def _form(self, urgent: list[Request], partial: list, waiting: list,
-              relaxed: list[Request], budget: float, now: float) -> StepPlan:
+    def _split_running(self) -> tuple[list[Request], list[float], list[float], list[Request]]:
+        """The running list split into decodes (with each one's ``due()`` and TPOT SLO,
+        computed inline) and partly prefilled prompts, both in queue order."""
+        config = self.config
+        default_ttft, default_tpot = config.ttft_slo_s, config.tpot_slo_s
+        arrival_anchor = config.anchor == "arrival"
+        stall = config.max_decode_stall_s
+        stall_tpots = config.max_decode_stall_tpots
+        decodes: list[Request] = []
+        dues: list[float] = []
+        tpots: list[float] = []
+        partial: list[Request] = []
+        for r in self.running:
+            outputs = len(r.output_token_ids)
+            if not outputs or r.prompt_len + outputs - r.num_computed_tokens != 1:
+                partial.append(r)
+                continue
+            decodes.append(r)
+            tpot = r.tpot_slo
+            if tpot is None:
+                tpot = default_tpot
+            tpots.append(tpot)
+            if arrival_anchor:
+                ttft = r.ttft_slo
+                d = r.arrival_time + (default_ttft if ttft is None else ttft) + outputs * tpot
+            else:
+                d = r.token_times[0] + outputs * tpot
+            if stall is not None:
+                cap = r.token_times[-1] + stall
+                if cap < d:
+                    d = cap
+            if stall_tpots is not None:
+                cap = r.token_times[-1] + stall_tpots * tpot
+                if cap < d:
+                    d = cap
+            dues.append(d)
+        return decodes, dues, tpots, partial
+
+    def _form(self, urgent: list[Request], partial: list, relaxed: list[Request],
+              budget: float, now: float) -> StepPlan:
         """Add urgent decodes (always), then prefills (running and waiting, merged by
         deadline; each takes its largest chunk within budget, until one does not fit),
-        then relaxed decodes that fit. ``partial``/``waiting`` are (due, i, request)."""
-        # EDF: once a prefill does not fit, later ones wait; once the pool cannot hold
-        # a waiting prompt (or the step preempted), no later one is admitted either.
-        state = {"prefills_open": True, "admitting": True}
+        then relaxed decodes that fit. ``partial`` holds (due, i, request) of running
+        prompts; waiting ones come from ``_waiting_by_due``, (due, arrival #, id).
 
-        def waiting_candidates():
-            for item in waiting:
-                if not state["admitting"]:
-                    return
-                yield item
-
-        def prefill_candidates():
-            for _, _, r in heapq.merge(partial, waiting_candidates(), key=lambda x: x[:2]):
-                if not state["prefills_open"]:
-                    return
-                yield r, False
-
-        order = itertools.chain(((r, True) for r in urgent), prefill_candidates(),
-                                ((r, False) for r in relaxed))
-        token_budget = self.limits.max_num_batched_tokens
+        EDF: once a prefill does not fit, later ones wait; once the pool cannot hold a
+        waiting prompt, or the step preempted, no later one is admitted either (the
+        victim, now first in line, must not be displaced by a newcomer). A request
+        preempted in this step does not come back in it."""
+        limits = self.limits
+        token_budget = limits.max_num_batched_tokens
         optional_tokens = self.step_tokens  # cap for prefills and relaxed decodes
-        max_seqs = self.limits.max_num_seqs
+        max_seqs = limits.max_num_seqs
+        kv = self.kv
+        page_size = kv.page_size
+        block_table = kv.block_table
+        allocate = self._allocate_or_preempt
+        running = RequestStatus.RUNNING
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
-        feats = StepFeatures()
-        seen: set[str] = set()  # a request preempted in this step must not come back in it
+        # The step's StepFeatures so far, as locals (StepFeatures.add inlined).
+        prefill = decodes = tokens = seqs = kv_read = max_kv = 0
+        attn_qk = 0.0
+        full = False  # the step holds max_num_seqs sequences: nothing else is weighed
 
-        for request, must_run in order:
+        # 1. Urgent decodes, whatever the time budget. Usually they all fit the step
+        # and their pages: then only the pages need checking, decode by decode.
+        first_slow = 0
+        if len(urgent) <= max_seqs and len(urgent) <= token_budget:
+            context = 0  # sum of the decodes' kv_len - 1 (exact in a float: all ints)
+            for r in urgent:
+                start = r.num_computed_tokens
+                if len(block_table(r.request_id)) * page_size <= start:
+                    break  # needs a page: the general loop takes it from here
+                chunks.append(ScheduledChunk(r, 1, start))
+                context += start
+                if start + 1 > max_kv:
+                    max_kv = start + 1
+            first_slow = decodes = tokens = seqs = len(chunks)
+            attn_qk += context + seqs
+            kv_read += context + seqs
+        for r in urgent[first_slow:] if first_slow else urgent:
             if len(chunks) >= max_seqs:
+                full = True
                 break
-            if request.request_id in seen or (preempted and request in preempted):
+            if r.status is not running:  # preempted earlier in this step
                 continue
-            seen.add(request.request_id)
-            # As in every policy, a step that preempted admits nobody (the victim, now
-            # first in line, must not be displaced by a newcomer), and admission is FCFS
-            # within the deadline order: it stops at the first prompt the pool cannot hold.
-            if request.status is RequestStatus.WAITING and (preempted or not state["admitting"]):
-                state["admitting"] = False
+            if tokens + 1 > token_budget:
                 continue
-            decode = request.num_remaining == 1 and request.num_output_tokens > 0
-            start = request.num_computed_tokens
-            if decode:
-                num = 1
-                if feats.num_tokens + 1 > (token_budget if must_run else optional_tokens):
-                    continue
-                if not must_run and not self._fits(feats.with_chunk(1, start + 1, True),
-                                                   budget):
-                    continue
-            else:
-                num = self._largest_chunk(feats, request, budget,
-                                          min(optional_tokens, token_budget) - feats.num_tokens)
+            start = r.num_computed_tokens
+            if (len(block_table(r.request_id)) * page_size <= start
+                    and not allocate(r, 1, preempted)):
+                continue
+            chunks.append(ScheduledChunk(r, 1, start))
+            decodes += 1
+            tokens += 1
+            seqs += 1
+            attn_qk += start + 1
+            kv_read += start + 1
+            if start + 1 > max_kv:
+                max_kv = start + 1
+
+        # 2. Prefills, running and waiting merged by (deadline, index); on a tie the
+        # running prompt goes first.
+        if not full:
+            waiting_keys = self._waiting_by_due
+            requests = self.requests
+            admitting = True
+            room_cap = min(optional_tokens, token_budget)
+            next_partial, num_partial = 0, len(partial)
+            while True:
+                # While it admits, every waiting prompt taken so far left the queue and
+                # none joined it (only a preemption requeues, and that ends admission),
+                # so the head of the index is the next one in deadline order.
+                head = waiting_keys[0] if admitting and not preempted and waiting_keys else None
+                if next_partial < num_partial:
+                    item = partial[next_partial]
+                    if head is not None and (head[0] < item[0]
+                                             or (head[0] == item[0] and head[1] < item[1])):
+                        item = None
+                    else:
+                        next_partial += 1
+                elif head is None:
+                    break
+                else:
+                    item = None
+                if len(chunks) >= max_seqs:
+                    full = True
+                    break
+                if item is None:
+                    r = requests[head[2]]
+                else:
+                    r = item[2]
+                    if r.status is not running:  # preempted earlier in this step
+                        continue
+                num = self._largest_chunk(r, budget, room_cap - tokens,
+                                          (prefill, decodes, tokens, seqs, attn_qk, kv_read,
+                                           max_kv))
                 if num == 0:
-                    state["prefills_open"] = False
+                    break  # the earliest prefill left does not fit: later ones wait
+                start = r.num_computed_tokens
+                if item is None:
+                    if not kv.ensure(r.request_id, start + num):
+                        admitting = False
+                        continue
+                    self.admit(r, now)
+                elif not allocate(r, num, preempted):
                     continue
-            if request.status is RequestStatus.WAITING:
-                if not self.kv.ensure(request.request_id, start + num):
-                    state["admitting"] = False
+                chunks.append(ScheduledChunk(r, num, start))
+                prefill += num
+                tokens += num
+                seqs += 1
+                attn_qk += num * (start + num)
+                kv_read += start + num
+                if start + num > max_kv:
+                    max_kv = start + num
+
+        # 3. Decodes with slack to spare, while the step stays within budget. Each is
+        # weighed alone, but with a monotone latency model one prediction can clear a
+        # run of them at once: as long as the step stays on one bucket, a step holding
+        # any subset of the next m decodes costs no more than one holding all m, so if
+        # that fits, each of them passes its own test (and only the other checks run).
+        if not full and relaxed:
+            unbounded = math.isinf(budget)
+            pick = self.pick_bucket
+            predict = self.latency.predict
+            probe = StepFeatures()
+            # Decodes relaxed[:cleared] passed as a run; relaxed[:tried] were in a run
+            # that did not (those are weighed one by one).
+            cleared = 0
+            tried = 0 if self._monotone_latency else len(relaxed)
+            index = 0
+            for r in relaxed:
+                index += 1
+                if len(chunks) >= max_seqs:
+                    break
+                if r.status is not running:  # preempted earlier in this step
                     continue
-                self.admit(request, now)
-            elif not self._allocate_or_preempt(request, num, preempted):
-                continue
-            chunks.append(ScheduledChunk(request, num, start))
-            feats.add(num, start + num, decode)
+                if tokens + 1 > optional_tokens:
+                    continue
+                start = r.num_computed_tokens
+                if tokens + 1 > token_budget or seqs + 1 > max_seqs:
+                    continue
+                if not unbounded and index > cleared and index > tried:
+                    bucket_tokens, bucket_seqs = bucket = pick(tokens + 1, seqs + 1)
+                    # The next m decodes (this one first) keep the step on this bucket
+                    # however many of them join: seqs + m <= its seqs, tokens + m <= its
+                    # tokens.
+                    m = min(bucket_seqs - seqs, bucket_tokens - tokens,
+                            len(relaxed) - index + 1)
+                    if m > 1:
+                        context = 0
+                        longest = max_kv
+                        for other in relaxed[index - 1:index - 1 + m]:
+                            kv_len = other.num_computed_tokens + 1
+                            context += kv_len
+                            if kv_len > longest:
+                                longest = kv_len
+                        probe.prefill_tokens = prefill
+                        probe.num_decodes = decodes + m
+                        probe.num_tokens = tokens + m
+                        probe.num_seqs = seqs + m
+                        probe.attn_qk = attn_qk + context
+                        probe.kv_read = kv_read + context
+                        probe.max_kv = longest
+                        if predict(bucket, probe) <= budget:
+                            cleared = index - 1 + m
+                        else:
+                            tried = index - 1 + m
+                if not unbounded and index > cleared:  # predict(with this decode) <= budget
+                    probe.prefill_tokens = prefill
+                    probe.num_decodes = decodes + 1
+                    probe.num_tokens = tokens + 1
+                    probe.num_seqs = seqs + 1
+                    probe.attn_qk = attn_qk + 1 * (start + 1)
+                    probe.kv_read = kv_read + (start + 1)
+                    probe.max_kv = max_kv if max_kv >= start + 1 else start + 1
+                    if not predict(pick(tokens + 1, seqs + 1), probe) <= budget:
+                        continue
+                if (len(block_table(r.request_id)) * page_size <= start
+                        and not allocate(r, 1, preempted)):
+                    continue
+                chunks.append(ScheduledChunk(r, 1, start))
+                decodes += 1
+                tokens += 1
+                seqs += 1
+                attn_qk += start + 1
+                kv_read += start + 1
+                if start + 1 > max_kv:
+                    max_kv = start + 1
 
         if preempted:  # a victim may have been scheduled before it was preempted
-            chunks = [c for c in chunks if c.request.status is RequestStatus.RUNNING]
+            chunks = [c for c in chunks if c.request.status is running]
         if not chunks and self.has_unfinished():
-            chunks = self._force_progress(now, preempted)
-        return self.make_plan(chunks, preempted)
+            return self.make_plan(self._force_progress(now, preempted), preempted)
+        return self.make_plan(chunks, preempted, tokens)
 
-    def _fits(self, feats: StepFeatures, budget: float) -> bool:
-        if (feats.num_tokens > self.limits.max_num_batched_tokens
-                or feats.num_seqs > self.limits.max_num_seqs):
-            return False
-        if math.isinf(budget):
-            return True
-        bucket = self.limits.buckets.pick(feats.num_tokens, feats.num_seqs)
-        return self.latency.predict(bucket, feats) <= budget
-
-    def _largest_chunk(self, feats: StepFeatures, request: Request, budget: float,
-                       room: int) -> int:
-        """Largest chunk of ``request``'s prompt keeping the step within budget."""
+    def _largest_chunk(self, request: Request, budget: float, room: int,
+                       feats: tuple[int, int, int, int, float, int, int]) -> int:
+        """Largest chunk of ``request``'s prompt that keeps the step (``feats``: its
+        StepFeatures fields so far, in order) within the token, sequence and time
+        budgets, rounded down to ``chunk_align`` when partial."""
+        prefill, decodes, tokens, seqs, attn_qk, kv_read, max_kv = feats
         most = min(request.num_remaining, room)
-        if most <= 0 or feats.num_seqs >= self.limits.max_num_seqs:
+        limits = self.limits
+        if most <= 0 or seqs >= limits.max_num_seqs:
             return 0
         start = request.num_computed_tokens
+        max_tokens, max_seqs = limits.max_num_batched_tokens, limits.max_num_seqs
+        unbounded = math.isinf(budget)
+        pick, predict = self.pick_bucket, self.latency.predict
+        probe = StepFeatures(num_decodes=decodes, num_seqs=seqs + 1)
 
-        def fits(n: int) -> bool:
-            return self._fits(feats.with_chunk(n, start + n, False), budget)
+        def fits(n: int) -> bool:  # the step with this chunk added, as StepFeatures.add
+            if tokens + n > max_tokens or seqs + 1 > max_seqs:
+                return False
+            if unbounded:
+                return True
+            probe.prefill_tokens = prefill + n
+            probe.num_tokens = tokens + n
+            probe.attn_qk = attn_qk + n * (start + n)
+            probe.kv_read = kv_read + (start + n)
+            probe.max_kv = max_kv if max_kv >= start + n else start + n
+            return predict(pick(tokens + n, seqs + 1), probe) <= budget
 
         if fits(most):
             return most

@@ -120,12 +120,28 @@ class Request:
             self.token_ids.append(token)
         self.token_times.append(now)
 
-    def stop_reason(self) -> RequestStatus | None:
-        """Status to finish with after the latest token, judged on token ids only."""
-        last = self.output_token_ids[-1]
-        if last in self.eos_token_ids or last in self.sampling.stop_token_ids:
+    def add_output(self, token: int, now: float) -> RequestStatus | None:
+        """``append_output`` then ``stop_reason``, in one call (the per-token path)."""
+        outputs = self.output_token_ids
+        outputs.append(token)
+        if self.token_ids:
+            self.token_ids.append(token)
+        self.token_times.append(now)
+        sampling = self.sampling
+        if token in self.eos_token_ids or token in sampling.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.sampling.max_tokens:
+        if len(outputs) >= sampling.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stop_reason(self) -> RequestStatus | None:
+        """Status to finish with after the latest token, judged on token ids only
+        (``add_output`` applies the same rule)."""
+        outputs, sampling = self.output_token_ids, self.sampling
+        last = outputs[-1]
+        if last in self.eos_token_ids or last in sampling.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(outputs) >= sampling.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -30,17 +30,28 @@ class SarathiScheduler(Scheduler):
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
 
-        decodes = [r for r in self.running if r.num_remaining == 1 and r.num_output_tokens]
-        prefills = [r for r in self.running if not (r.num_remaining == 1 and r.num_output_tokens)]
+        decodes: list[Request] = []
+        prefills: list[Request] = []
+        for r in self.running:  # r.num_remaining == 1 and r.num_output_tokens, inlined
+            outputs = len(r.output_token_ids)
+            if outputs and r.prompt_len + outputs - r.num_computed_tokens == 1:
+                decodes.append(r)
+            else:
+                prefills.append(r)
+        running = RequestStatus.RUNNING
+        allocate = self._allocate_or_preempt
         for request in decodes + prefills:
             if budget <= 0 or len(chunks) >= max_seqs:
                 break
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not running:
                 continue  # preempted earlier in this loop
-            num = min(request.num_remaining, budget)
-            if not self._allocate_or_preempt(request, num, preempted):
+            start = request.num_computed_tokens
+            num = request.prompt_len + len(request.output_token_ids) - start
+            if num > budget:
+                num = budget
+            if not allocate(request, num, preempted):
                 continue
-            chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
+            chunks.append(ScheduledChunk(request, num, start))
             budget -= num
         if not preempted:
             self.admit_waiting_fcfs(chunks, budget, now)

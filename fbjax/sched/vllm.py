@@ -22,15 +22,21 @@ class VLLMScheduler(Scheduler):
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
 
+        running = self.running
+        max_seqs = self.limits.max_num_seqs
+        allocate = self._allocate_or_preempt
         index = 0
-        while index < len(self.running) and budget > 0:
-            if len(chunks) >= self.limits.max_num_seqs:
+        while index < len(running) and budget > 0:
+            if len(chunks) >= max_seqs:
                 break
-            request = self.running[index]
-            num = min(request.num_remaining, budget)
-            if not self._allocate_or_preempt(request, num, preempted):
+            request = running[index]
+            start = request.num_computed_tokens
+            num = request.prompt_len + len(request.output_token_ids) - start  # num_remaining
+            if num > budget:
+                num = budget
+            if not allocate(request, num, preempted):
                 break
-            chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
+            chunks.append(ScheduledChunk(request, num, start))
             budget -= num
             index += 1
 

@@ -56,7 +56,32 @@ class SimResult:
 
 
 def plan_features(plan: StepPlan) -> StepFeatures:
-    return StepFeatures.of_chunks((c.num_tokens, c.kv_len, c.is_decode) for c in plan.chunks)
+    """``StepFeatures.of_chunks`` of the plan's chunks, summed inline (same values)."""
+    return _features_and_samples(plan.chunks)[0]
+
+
+def _features_and_samples(chunks) -> tuple[StepFeatures, dict[str, int]]:
+    """The plan's features and the placeholder token of every chunk that samples, in
+    one pass (this runs once per simulated step over every chunk)."""
+    prefill = decodes = tokens = kv_read = max_kv = 0
+    attn_qk = 0.0
+    sampled = {}
+    for c in chunks:
+        q_len = c.num_tokens
+        kv_len = c.start + q_len
+        if c.is_decode:
+            decodes += 1
+        else:
+            prefill += q_len
+        tokens += q_len
+        attn_qk += q_len * kv_len
+        kv_read += kv_len
+        if kv_len > max_kv:
+            max_kv = kv_len
+        if c.completes:
+            sampled[c.request.request_id] = PLACEHOLDER_TOKEN
+    feats = StepFeatures(prefill, decodes, tokens, len(chunks), attn_qk, kv_read, max_kv)
+    return feats, sampled
 
 
 class Simulator:
@@ -74,8 +99,10 @@ class Simulator:
         self.max_steps = max_steps
         self.on_progress = on_progress
 
-    def step_time(self, plan: StepPlan) -> float:
-        seconds = self.latency.predict(plan.bucket, plan_features(plan))
+    def step_time(self, plan: StepPlan, features: StepFeatures | None = None) -> float:
+        if features is None:
+            features = plan_features(plan)
+        seconds = self.latency.predict(plan.bucket, features)
         if self.noise:
             seconds *= max(0.05, self.rng.gauss(1.0, self.noise))
         return seconds
@@ -95,9 +122,18 @@ class Simulator:
             if not scheduler.has_unfinished():
                 now = requests[nxt].arrival_time
                 continue
-            waiting_prefill = bool(scheduler.waiting) or any(
-                r.num_remaining > 1 for r in scheduler.running)
-            waiting_decode = any(r.num_remaining == 1 for r in scheduler.running)
+            # Whether a prompt is waiting or partly done (a running num_remaining > 1) and
+            # whether a running request can decode (num_remaining == 1), in one pass.
+            waiting_prefill = bool(scheduler.waiting)
+            waiting_decode = False
+            for r in scheduler.running:
+                remaining = r.prompt_len + len(r.output_token_ids) - r.num_computed_tokens
+                if remaining == 1:
+                    waiting_decode = True
+                elif remaining > 1:
+                    waiting_prefill = True
+                if waiting_decode and waiting_prefill:
+                    break
             plan = scheduler.schedule(now)
             if plan.is_empty:
                 if nxt < len(requests):
@@ -106,14 +142,12 @@ class Simulator:
                 raise SimulationStalled(
                     f"empty plan at t={now:.3f}s with {scheduler.num_running} running and "
                     f"{scheduler.num_waiting} waiting requests and no arrival left")
-            duration = self.step_time(plan)
-            decode_tokens = sum(1 for c in plan.chunks if c.is_decode)
+            features, sampled = _features_and_samples(plan.chunks)
+            duration = self.step_time(plan, features)
             steps.append(StepRecord(now, duration, plan.bucket,
-                                    plan.num_tokens - decode_tokens, decode_tokens,
+                                    features.prefill_tokens, features.num_decodes,
                                     waiting_prefill, waiting_decode, len(plan.preempted)))
             now += duration
-            sampled = {c.request.request_id: PLACEHOLDER_TOKEN
-                       for c in plan.chunks if c.completes}
             finished += len(scheduler.on_step_done(plan, sampled, now))
             if len(steps) >= self.max_steps:
                 raise SimulationStalled(f"no end after {self.max_steps} steps")

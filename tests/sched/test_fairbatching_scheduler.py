@@ -26,11 +26,13 @@ from fbjax.sched.registry import make_scheduler
 from fbjax.sched.request import Request, RequestStatus, SamplingParams
 from fbjax.sched.sarathi import SarathiScheduler
 from fbjax.sim.simulator import SimRequest, Simulator, plan_features
+from tests.sched.fb_reference import ReferenceFairBatching
 
 OUT = 7
 NOW = 10.0
 BUCKETS = BucketConfig(token_buckets=(16, 32, 64, 128, 256, 512), seq_buckets=(4, 8, 16))
 A, B_PREFILL, C_DECODE = 0.0105, 0.001, 0.005
+DEFAULT_STALL_TPOTS = FairBatchingConfig().max_decode_stall_tpots
 
 
 def linear_model(a: float = A, b: float = B_PREFILL, c: float = C_DECODE,
@@ -49,6 +51,10 @@ def make_fb(config: FairBatchingConfig | None = None, *, model: LatencyModel | N
     config = config or FairBatchingConfig()
     if config.step_tokens is None:
         config = dataclasses.replace(config, step_tokens=10**9)
+    # Nor the default stall cap: these states bank seconds of slack on purpose, to pin
+    # the envelope itself (the cap has tests of its own).
+    if config.max_decode_stall_tpots == DEFAULT_STALL_TPOTS:
+        config = dataclasses.replace(config, max_decode_stall_tpots=None)
     return FairBatchingScheduler(limits, KVCacheManager(num_pages, page_size),
                                  model or linear_model(buckets=buckets), config)
 
@@ -132,6 +138,27 @@ def test_max_decode_stall_caps_banked_slack():
     assert sched.due(w) == pytest.approx(4.0)  # no cap before the first token
 
 
+def test_default_caps_stalls_at_three_tpots():
+    assert FairBatchingConfig().max_decode_stall_tpots == 3.0
+    sched = FairBatchingScheduler(StepLimits.from_buckets(BUCKETS), KVCacheManager(1024, 16),
+                                  linear_model())
+    far = put_decode(sched, "far", [4.0 + 0.01 * i for i in range(20)])  # last at 4.19
+    assert sched.due(far) == pytest.approx(4.19 + 3 * 0.1)
+
+
+def test_max_decode_stall_in_tpots_uses_each_requests_own_tpot():
+    sched = make_fb(FairBatchingConfig(max_decode_stall_tpots=2.0))
+    far = put_decode(sched, "far", [4.0 + 0.01 * i for i in range(20)])  # last at 4.19
+    assert sched.due(far) == pytest.approx(4.19 + 2 * 0.1)
+    own = put_decode(sched, "own", [4.0 + 0.01 * i for i in range(20)], tpot_slo=0.05)
+    assert sched.due(own) == pytest.approx(4.19 + 2 * 0.05)
+    both = make_fb(FairBatchingConfig(max_decode_stall_tpots=2.0, max_decode_stall_s=0.15))
+    r = put_decode(both, "r", [4.0 + 0.01 * i for i in range(20)])
+    assert both.due(r) == pytest.approx(4.19 + 0.15)  # the tighter cap wins
+    w = put_waiting(sched, "w", 5, arrival=1.0)
+    assert sched.due(w) == pytest.approx(4.0)  # no cap before the first token
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="anchor"):
         FairBatchingConfig(anchor="nope")
@@ -139,6 +166,8 @@ def test_config_validation():
         FairBatchingConfig(tpot_slo_s=0)
     with pytest.raises(ValueError):
         FairBatchingConfig(max_decode_stall_s=0)
+    with pytest.raises(ValueError):
+        FairBatchingConfig(max_decode_stall_tpots=-1.0)
     with pytest.raises(ValueError, match="latency model lacks buckets"):
         make_fb(model=LatencyModel({(16, 4): np.zeros(len(FEATURES))}))
 
@@ -463,20 +492,35 @@ def configs(draw) -> FairBatchingConfig:
         anchor=draw(st.sampled_from(["first_token", "arrival"])),
         urgency_margin=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
         max_decode_stall_s=draw(st.sampled_from([None, 0.05, 0.3])),
+        max_decode_stall_tpots=draw(st.sampled_from([None, 1.5, 5.0])),
         chunk_align=draw(st.sampled_from([1, 8, 16])),
         adaptive_capacity=draw(st.booleans()), fair_formation=draw(st.booleans()))
 
 
 @st.composite
-def random_states(draw):
+def any_models(draw) -> LatencyModel:
+    """Each bucket its own costs, unrelated to its neighbours' (a larger bucket may
+    predict less); sometimes a slightly negative cost per decode (predictions then fall
+    with work, yet stay positive)."""
+    low = draw(st.sampled_from([0.0, 0.0, -2e-5]))
+    return LatencyModel({b: np.array([draw(st.floats(0.001, 0.03)), draw(st.floats(0, 2e-3)),
+                                      draw(st.floats(low, 2e-3))]
+                                     + [draw(st.floats(0, 2e-3)) for _ in range(3)])
+                         for b in PROP_BUCKETS.pairs()})
+
+
+@st.composite
+def random_states(draw, max_decodes: int = 10, models=None):
     config = draw(configs())
-    model = draw(monotone_models(impossible=draw(st.booleans())))
+    if models is None:
+        models = monotone_models(impossible=draw(st.booleans()))
+    model = draw(models)
     page_size = draw(st.sampled_from([1, 2, 4, 16]))  # 1: every decode needs a page
     # (prompt, gaps between tokens, arrival-to-first-token, TTFT, TPOT): ahead of or
     # behind the envelope
     gaps = st.lists(st.floats(0.001, 0.3), min_size=1, max_size=12)
     decodes = draw(st.lists(st.tuples(st.integers(1, 60), gaps, st.floats(0, 2), SLOS, SLOS),
-                            max_size=10))
+                            max_size=max_decodes))
     partial = draw(st.lists(st.integers(2, 80).flatmap(
         lambda n: st.tuples(st.just(n), st.integers(1, n - 1))), max_size=3))
     waiting = draw(st.lists(st.tuples(st.integers(1, 300), st.floats(0, 4), SLOS),
@@ -494,11 +538,12 @@ def random_states(draw):
             waiting, urgent_last)
 
 
-def build_random(state) -> FairBatchingScheduler:
+def build_random(state, cls: type[FairBatchingScheduler] = FairBatchingScheduler
+                 ) -> FairBatchingScheduler:
     (config, model, page_size, num_pages, max_tokens, max_seqs, decodes, partial, waiting,
      urgent_last) = state
     limits = StepLimits.from_buckets(PROP_BUCKETS, max_tokens, max_seqs)
-    sched = FairBatchingScheduler(limits, KVCacheManager(num_pages, page_size), model, config)
+    sched = cls(limits, KVCacheManager(num_pages, page_size), model, config)
     for i, (prompt_len, gaps, lead, ttft, tpot) in enumerate(decodes):
         # token times: the last one ``gaps[-1]`` before NOW, earlier ones spaced by gaps
         times = [NOW - sum(gaps[k:]) for k in range(len(gaps))]
@@ -516,6 +561,44 @@ def build_random(state) -> FairBatchingScheduler:
     if urgent_last:  # the victims of preemption are then the most urgent requests
         sched.running.sort(key=sched.due, reverse=True)
     return sched
+
+
+def snapshot(sched, plan: StepPlan):
+    return ([(c.request.request_id, c.num_tokens, c.start, c.completes, c.is_decode)
+             for c in plan.chunks], plan.bucket, ids(plan.preempted), ids(sched.running),
+            ids(sched.waiting), {k: list(v) for k, v in sched.kv._tables.items()})
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_states(max_decodes=24, models=monotone_models() | any_models()),
+       st.lists(st.floats(0.0, 0.2), min_size=1, max_size=4))
+def test_fast_schedule_decides_as_the_plain_reference(state, gaps):
+    """schedule() inlines deadlines, features and bucket picks and clears runs of relaxed
+    decodes with one prediction; step by step it must plan exactly as the plain
+    formulation (tests/sched/fb_reference.py) does."""
+    fast, ref = build_random(state), build_random(state, ReferenceFairBatching)
+    now = NOW
+    for gap in gaps:
+        fast_plan, ref_plan = fast.schedule(now), ref.schedule(now)
+        assert snapshot(fast, fast_plan) == snapshot(ref, ref_plan)
+        now += gap
+        for sched, plan in ((fast, fast_plan), (ref, ref_plan)):
+            sched.on_step_done(plan, {c.request.request_id: OUT for c in plan.chunks
+                                      if c.completes}, now)
+        assert ids(fast.running) == ids(ref.running)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_states())
+def test_inline_deadlines_are_due(state):
+    sched = build_random(state)
+    decodes, dues, tpots, partial = sched._split_running()
+    assert ids(decodes) == ids(r for r in sched.running
+                               if r.num_remaining == 1 and r.num_output_tokens)
+    assert ids(partial) == ids(r for r in sched.running
+                               if not (r.num_remaining == 1 and r.num_output_tokens))
+    assert dues == [sched.due(r) for r in decodes]  # exactly, not approximately
+    assert tpots == [sched.tpot_slo(r) for r in decodes]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -569,7 +652,8 @@ def feasible_states(draw):
     config = FairBatchingConfig(anchor=draw(st.sampled_from(["first_token", "arrival"])),
                                 urgency_margin=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
                                 chunk_align=draw(st.sampled_from([1, 16])),
-                                fair_formation=draw(st.booleans()))
+                                fair_formation=draw(st.booleans()),
+                                max_decode_stall_tpots=None)  # deadlines: the envelope
     model = draw(monotone_models())
     n = draw(st.integers(1, 12))
     decodes = draw(st.lists(st.tuples(st.integers(1, 200), st.integers(3, 30),
