@@ -116,12 +116,16 @@ class PrefillAdmissionBudget:
             return None
         return max(fits, key=lambda i: (replicas[i].budget, -replicas[i].in_flight, -i))
 
-    @staticmethod
-    def fallback(replicas: Sequence[ReplicaState]) -> int:
-        """Where a request goes once it has been held too long: the largest budget."""
-        alive = _healthy(replicas)
-        return max(alive, key=lambda i: (replicas[i].budget if replicas[i].budget is not None
-                                         else float("-inf"), -replicas[i].in_flight, -i))
+
+def release_target(replicas: Sequence[ReplicaState]) -> int:
+    """Where a held request goes once holding it no longer helps: an idle replica if
+    there is one (nothing could start it sooner), else the largest budget."""
+    alive = _healthy(replicas)
+    idle = [i for i in alive if replicas[i].in_flight == 0]
+    if idle:
+        return idle[0]
+    return max(alive, key=lambda i: (replicas[i].budget if replicas[i].budget is not None
+                                     else float("-inf"), -replicas[i].in_flight, -i))
 
 
 def make_policy(name: str) -> RoutingPolicy:

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fbjax.router.dispatch import Dispatcher, QueueFull
 from fbjax.router.policy import (
     LeastRequests,
     NoHealthyReplica,
@@ -13,6 +14,7 @@ from fbjax.router.policy import (
     ReplicaState,
     RoundRobin,
     make_policy,
+    release_target,
 )
 
 
@@ -47,11 +49,12 @@ def test_pab_ignores_replicas_that_cannot_fit_even_if_idle_by_count():
     assert PrefillAdmissionBudget().choose(rs, 800) == 2
 
 
-def test_pab_holds_when_nothing_fits_and_fallback_takes_largest_budget():
-    rs = replicas(100.0, 300.0, -10.0)
-    policy = PrefillAdmissionBudget()
-    assert policy.choose(rs, 500) is None
-    assert policy.fallback(rs) == 1
+def test_pab_holds_when_nothing_fits_and_release_prefers_idle_then_largest_budget():
+    rs = replicas(100.0, 300.0, -10.0, in_flight=[2, 3, 1])
+    assert PrefillAdmissionBudget().choose(rs, 500) is None
+    assert release_target(rs) == 1
+    rs[2].in_flight = 0  # an idle replica starts it at once, whatever its budget says
+    assert release_target(rs) == 2
 
 
 def test_pab_subtracts_prompts_sent_since_last_poll():
@@ -97,3 +100,23 @@ def test_pab_never_sends_where_budget_cannot_fit_when_another_can(states, prompt
         assert choice is not None and rs[choice].healthy and rs[choice].budget >= prompt
     else:
         assert choice is None
+
+
+def test_dispatcher_holds_then_places_when_budget_frees():
+    rs = replicas(100.0, 200.0, in_flight=[1, 1])
+    d = Dispatcher(PrefillAdmissionBudget(), max_hold_s=5.0, max_held=1)
+    assert d.route("a", 500, 0.0, rs) is None and d.next_release_time() == 5.0
+    with pytest.raises(QueueFull):
+        d.route("b", 500, 0.1, rs)
+    rs[0].on_poll(800.0)
+    assert d.dispatch(1.0, rs) == [("a", 0)]
+    assert rs[0].in_flight == 2 and rs[0].budget == 300.0 and not d.held
+
+
+def test_dispatcher_releases_after_max_hold_and_lets_small_requests_pass():
+    rs = replicas(100.0, 300.0, in_flight=[1, 1])
+    d = Dispatcher(PrefillAdmissionBudget(), max_hold_s=2.0)
+    assert d.route("big", 1000, 0.0, rs) is None
+    assert d.route("small", 50, 0.5, rs) == 1  # not blocked behind the held one
+    assert d.dispatch(1.9, rs) == []
+    assert d.dispatch(2.0, rs) == [("big", 1)]  # timed out: largest budget (250 left)
