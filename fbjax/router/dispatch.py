@@ -75,7 +75,9 @@ class Dispatcher(Generic[Item]):
     def _place(self, prompt_tokens: int, since: float, now: float,
                replicas: Sequence[ReplicaState]) -> int | None:
         index = self.policy.choose(replicas, prompt_tokens)
-        if index is None and (now - since >= self.max_hold_s
+        # ``since + max_hold_s`` exactly as next_release_time computes it: a simulator
+        # that jumps to that time must see the request released (no rounding gap).
+        if index is None and (now >= since + self.max_hold_s
                               or any(r.healthy and r.in_flight == 0 for r in replicas)):
             index = release_target(replicas)
         if index is not None:

@@ -120,3 +120,12 @@ def test_dispatcher_releases_after_max_hold_and_lets_small_requests_pass():
     assert d.route("small", 50, 0.5, rs) == 1  # not blocked behind the held one
     assert d.dispatch(1.9, rs) == []
     assert d.dispatch(2.0, rs) == [("big", 1)]  # timed out: largest budget (250 left)
+
+
+def test_dispatcher_releases_exactly_at_next_release_time_despite_rounding():
+    # 0.7 + 0.6 rounds so that (now - since) < 0.6: a simulator jumping to
+    # next_release_time() must still see the request released, or it loops forever.
+    rs = replicas(10.0, 10.0, in_flight=[1, 1])
+    d = Dispatcher(PrefillAdmissionBudget(), max_hold_s=0.6)
+    assert d.route("a", 500, 0.7, rs) is None
+    assert d.dispatch(d.next_release_time(), rs) == [("a", 0)]
