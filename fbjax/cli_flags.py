@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 
 flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
                     "model.")
-flags.DEFINE_string("scheduler", "vllm", "Scheduling policy.")
+flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: fairbatching, sarathi or vllm.")
+flags.DEFINE_string("profile", None, "FairBatching latency profile (name in configs/profiles "
+                    "or path); passed on as SchedulerConfig.profile where the engine takes "
+                    "one.")
 flags.DEFINE_list("token_buckets", None, "Token-budget ladder, e.g. 16,32,64,128,256 "
                   "(default: EngineConfig's).")
 flags.DEFINE_list("seq_buckets", None, "Sequences-per-step ladder, e.g. 4,8,16,32.")
@@ -43,8 +48,13 @@ def engine_config_from_flags() -> EngineConfig:
         cache = CacheConfig(FLAGS.page_size, FLAGS.num_pages)
     except ConfigError as e:
         raise ConfigError(f"bad bucket or cache flag: {e}") from None
+    sched: dict = {"policy": FLAGS.scheduler,
+                   "max_num_batched_tokens": FLAGS.max_num_batched_tokens}
+    if FLAGS.profile is not None:
+        if "profile" not in {f.name for f in dataclasses.fields(SchedulerConfig)}:
+            raise ConfigError("--profile: this engine build takes no latency profile yet "
+                              "(SchedulerConfig has no 'profile' field)")
+        sched["profile"] = FLAGS.profile
     return EngineConfig(
         model=FLAGS.model, buckets=buckets, cache=cache, max_model_len=FLAGS.max_model_len,
-        attention_impl=FLAGS.attention_impl,
-        scheduler=SchedulerConfig(policy=FLAGS.scheduler,
-                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens))
+        attention_impl=FLAGS.attention_impl, scheduler=SchedulerConfig(**sched))

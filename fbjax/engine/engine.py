@@ -81,6 +81,7 @@ class LLMEngine:
         self._stop_texts: dict[str, str] = {}  # text cut at a stop string
         self._finished: dict[str, Request] = {}
         self.num_steps = 0
+        self.last_plan: StepPlan | None = None  # read-only for observers (server metrics)
 
     # ----- requests ---------------------------------------------------------------
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
@@ -139,6 +140,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run and record one step; returns the requests that got tokens."""
         plan = self.scheduler.schedule(time.monotonic())
+        self.last_plan = plan
         if plan.is_empty:
             return []
         batch = build_batch(plan, self.kv, self.runner.pages_per_seq)

@@ -1,0 +1,117 @@
+"""OpenAI-compatible server: ``python -m fbjax.serve [--model DIR] [--port 8000]``.
+
+Builds the engine (compiling every bucket), then serves the endpoints of
+fbjax.serve.app with uvicorn on one event loop while the engine steps on its own
+thread. ``--port 0`` picks a free port; the address is logged either way. SIGTERM
+(or Ctrl-C) drains: no new requests, in-flight ones get ``--shutdown_grace_s`` to
+finish and are then aborted with a final event (finish_reason ``"abort"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+from absl import app, flags, logging
+
+from fbjax.cli_flags import engine_config_from_flags
+from fbjax.config import ConfigError
+from fbjax.engine.engine import LLMEngine
+from fbjax.serve.app import ServerSettings, ServerState, build_app
+from fbjax.serve.text import ChatTemplate
+
+FLAGS = flags.FLAGS
+FLAGS.set_default("scheduler", "fairbatching")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one (logged).")
+flags.DEFINE_string("api_key", None, "If set, /v1 requests need 'Authorization: Bearer KEY'.")
+flags.DEFINE_integer("max_queue", 256, "Requests accepted but without a first token yet; "
+                     "beyond this the server answers 429 with Retry-After.")
+flags.DEFINE_float("slo_ttft_ms", None, "Default TTFT SLO per request (ms); a request may "
+                   "override it with the extra field slo_ttft_ms.")
+flags.DEFINE_float("slo_tpot_ms", None, "Default TPOT SLO per request (ms); a request may "
+                   "override it with the extra field slo_tpot_ms.")
+flags.DEFINE_string("served_model_name", None, "Model name clients use (default: the model "
+                    "directory's name, or the built-in model's).")
+flags.DEFINE_string("chat_template", None, "Jinja chat template file (default: the model's, "
+                    "or the simple one documented in fbjax/serve/text.py).")
+flags.DEFINE_float("shutdown_grace_s", 10.0, "On SIGTERM, how long in-flight requests may "
+                   "run before they are aborted.")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, draining the engine when a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.event_loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.event_loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.event_loop is not None:
+            self.event_loop.call_soon_threadsafe(self.state.begin_drain)
+        super().handle_exit(sig, frame)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    try:
+        if FLAGS.max_queue < 1:
+            raise ConfigError(f"--max_queue must be >= 1, got {FLAGS.max_queue}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            if FLAGS[name].value is not None and FLAGS[name].value <= 0:
+                raise ConfigError(f"--{name} must be > 0")
+        config = engine_config_from_flags()
+        template = ChatTemplate.for_model(config.model, FLAGS.chat_template)
+        sock = _listen(FLAGS.host, FLAGS.port)
+        engine = LLMEngine(config)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    buckets = " ".join(f"{t}x{s}" for t, s in engine.runner.executables.keys())
+    logging.info("scheduler %s; compiled %d buckets (tokens x seqs): %s",
+                 config.scheduler.policy, len(engine.runner.executables), buckets)
+    name = FLAGS.served_model_name or (Path(config.model).name if config.model
+                                       else engine.model_config.name)
+    settings = ServerSettings(model_name=name, api_key=FLAGS.api_key,
+                              max_queue=FLAGS.max_queue, slo_ttft_ms=FLAGS.slo_ttft_ms,
+                              slo_tpot_ms=FLAGS.slo_tpot_ms,
+                              shutdown_grace_s=FLAGS.shutdown_grace_s)
+    state = ServerState(engine, settings, template)
+    host, port = sock.getsockname()[:2]
+    state.address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    server = _Server(uvicorn.Config(build_app(state), log_level="info", lifespan="on",
+                                    timeout_keep_alive=30), state)
+    # uvicorn re-raises the signal that stopped it once it is done; make that a no-op
+    # so the process ends through main's return.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    logging.info("server stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

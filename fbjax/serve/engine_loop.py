@@ -1,0 +1,222 @@
+"""The engine thread: owns the LLMEngine and steps it beside the asyncio event loop.
+
+Only this thread touches the engine (and through it the scheduler and the KV pool),
+so none of them needs a lock. The event loop talks to it through a thread-safe
+command queue (add, abort, call) and gets back, once per step, a batch of
+:class:`Event` s (new tokens; the final output of a finished or aborted request)
+delivered with ``loop.call_soon_threadsafe``. The thread blocks on the command
+queue while the engine is idle and drains it between steps while busy, so an abort
+frees its request's KV pages before the next step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fbjax.engine.engine import CompletionOutput, LLMEngine
+from fbjax.sched.request import SamplingParams
+from fbjax.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Submission:
+    """A validated request for the engine (prompt already tokenized)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step (or an abort) produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    final: CompletionOutput | None = None  # set once, when the request is done
+    error: str | None = None  # the engine failed this request
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        # Event-loop side only: where each request's events go, and which requests
+        # are accepted but have not produced a token yet (the queue --max_queue caps).
+        self._routes: dict[str, Callable[[Event], None]] = {}
+        self._unstarted: set[str] = set()
+
+    # ----- event-loop side -----------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="fbjax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_queued(self) -> int:
+        """Accepted requests that have not produced their first token."""
+        return len(self._unstarted)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._routes)
+
+    def in_flight(self) -> list[str]:
+        return list(self._routes)
+
+    async def add(self, submission: Submission, on_event: Callable[[Event], None]) -> None:
+        """Queue a request; returns once the engine accepted it, or raises its
+        InvalidRequestError. ``on_event`` is called on the event loop with each Event."""
+        fut = asyncio.get_running_loop().create_future()
+        rid = submission.request_id
+        self._routes[rid] = on_event
+        self._unstarted.add(rid)
+        self._commands.put(("add", submission, fut))
+        try:
+            await fut
+        except BaseException:
+            self._routes.pop(rid, None)
+            self._unstarted.discard(rid)
+            if not fut.done() or fut.cancelled():  # cancelled while queued: undo the add
+                self._commands.put(("abort", rid))
+            raise
+
+    def abort(self, request_id: str, notify: bool = False) -> None:
+        """Abort a request; with ``notify`` its final event (reason "abort") is still
+        delivered, otherwise it is forgotten at once (its client is gone)."""
+        if not notify:
+            self._routes.pop(request_id, None)
+            self._unstarted.discard(request_id)
+        self._commands.put(("abort", request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps; its result."""
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, fut))
+        return await fut
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.new_token_ids or ev.final is not None or ev.error is not None:
+                self._unstarted.discard(ev.request_id)
+            done = ev.final is not None or ev.error is not None
+            route = self._routes.pop(ev.request_id, None) if done else \
+                self._routes.get(ev.request_id)
+            if route is not None:
+                route(ev)
+
+    def _resolve(self, fut: asyncio.Future, result: Any = None,
+                 error: BaseException | None = None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    # ----- engine thread -------------------------------------------------------------
+    def _post(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            events: list[Event] = []
+            busy = engine.has_unfinished_requests()
+            try:
+                command = self._commands.get_nowait() if busy else self._commands.get()
+            except queue.Empty:
+                command = ()
+            while command != ():
+                if command is None:
+                    return
+                self._execute(command, events)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = ()
+            if engine.has_unfinished_requests():
+                self._step(events)
+            self._observe_state()
+            if events:
+                self._post(self._dispatch, events)
+
+    def _execute(self, command: tuple, events: list[Event]) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, sub, fut = command
+            try:
+                self.engine.add_request(sub.prompt_token_ids, sub.sampling, sub.request_id,
+                                        sub.arrival_time, sub.ttft_slo, sub.tpot_slo)
+            except Exception as e:  # InvalidRequestError, mostly; the caller maps it
+                self._post(self._resolve, fut, None, e)
+            else:
+                self._post(self._resolve, fut)
+        elif kind == "abort":
+            rid = command[1]
+            if self.engine.abort_request(rid):
+                final = self.engine.pop_finished(rid)
+                if self.metrics is not None:
+                    self.metrics.observe_finished(final)
+                events.append(Event(rid, [], final))
+        elif kind == "call":
+            _, fn, fut = command
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                self._post(self._resolve, fut, None, e)
+            else:
+                self._post(self._resolve, fut, result)
+
+    def _step(self, events: list[Event]) -> None:
+        engine = self.engine
+        start = time.perf_counter()
+        try:
+            outputs = engine.step()
+        except Exception as e:  # an engine bug: fail what is in flight, keep serving
+            log.exception("engine step failed; aborting every request in flight")
+            for rid in list(engine.scheduler.requests):
+                if engine.abort_request(rid):
+                    engine.pop_finished(rid)
+                events.append(Event(rid, [], None, f"engine step failed: {e}"))
+            return
+        duration = time.perf_counter() - start
+        if self.metrics is not None and engine.last_plan is not None:
+            self.metrics.observe_step(engine.last_plan, duration,
+                                      engine.scheduler.num_preemptions)
+        for out in outputs:
+            final = engine.pop_finished(out.request_id) if out.finished else None
+            if final is not None and self.metrics is not None:
+                self.metrics.observe_finished(final)
+            events.append(Event(out.request_id, out.new_token_ids, final))
+
+    def _observe_state(self) -> None:
+        if self.metrics is not None:
+            sched = self.engine.scheduler
+            self.metrics.observe_state(sched.num_running, sched.num_waiting,
+                                       self.engine.kv.num_free_pages)

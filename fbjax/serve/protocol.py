@@ -1,0 +1,171 @@
+"""The OpenAI wire format: pydantic models for requests and responses, and error bodies.
+
+Requests accept what the official client sends. Fields fbjax cannot honour
+(``logprobs``, ``echo``, ``suffix``, penalties, ``logit_bias``, ``tools``...) are
+accepted at their neutral value and refused with a 400 naming the field otherwise,
+rather than silently ignored. Unknown fields are ignored, as OpenAI does.
+
+Extra fields beyond OpenAI's: ``top_k`` (0 or -1 disables it), and per-request SLO
+overrides ``slo_ttft_ms`` / ``slo_tpot_ms`` (the scheduler's deadlines for this
+request; defaults come from ``--slo_ttft_ms`` / ``--slo_tpot_ms``).
+
+Seeds may be any 64-bit integer (the client's range); the engine uses ``seed mod
+2**32``, and choice ``i`` of an ``n > 1`` request uses ``seed + i``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16  # choices per request; more is refused with a 400
+MAX_STOP = 16  # stop strings per request
+
+
+class OpenAIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error",
+             404: "invalid_request_error", 405: "invalid_request_error",
+             413: "invalid_request_error", 422: "invalid_request_error",
+             429: "rate_limit_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message,
+                          "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # NaN and infinities are not numbers a client means; refuse them at parse time.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields common to completions and chat completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extra: per-request SLO overrides (milliseconds).
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    # Accepted only at their neutral values (see the module docstring).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(field, why) for every field set to something fbjax does not implement."""
+        bad = []
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                bad.append((name, f"{name} is not supported; omit it or send 0"))
+        if self.logit_bias:
+            bad.append(("logit_bias", "logit_bias is not supported"))
+        return bad
+
+
+class CompletionRequest(_SamplingFields):
+    # One prompt (text or token ids) or a batch of them.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for the legacy completions API
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        bad = super().unsupported()
+        if self.echo:
+            bad.append(("echo", "echo is not supported"))
+        if self.logprobs is not None:
+            bad.append(("logprobs", "logprobs are not supported"))
+        if self.suffix:
+            bad.append(("suffix", "suffix is not supported"))
+        if self.best_of is not None and self.best_of != self.n:
+            bad.append(("best_of", "best_of is not supported (only best_of == n)"))
+        return bad
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        bad = super().unsupported()
+        if self.logprobs:
+            bad.append(("logprobs", "logprobs are not supported"))
+        if self.tools:
+            bad.append(("tools", "tools are not supported"))
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            bad.append(("response_format", "only response_format {'type': 'text'} is "
+                                           "supported"))
+        return bad
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(name: str, max_model_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "fbjax",
+            "max_model_len": max_model_len}

@@ -1,0 +1,76 @@
+"""A real ``python -m fbjax.serve`` process on loopback, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+# The same bucket, cache and context settings as tests/conftest.py's engine_config, so
+# the server reuses the compilation cache and offline references run the same shapes.
+SMALL = ["--token_buckets", "16,32,64,128", "--seq_buckets", "4,16", "--page_size", "16",
+         "--num_pages", "512", "--max_model_len", "512", "--max_num_batched_tokens", "64"]
+API_KEY = "test-key"
+
+
+class ServerProcess:
+    def __init__(self, *args: str, scheduler: str = "sarathi") -> None:
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="fbjax-serve-", suffix=".log",
+                                                delete=False)
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fbjax.serve", "--port", "0", "--scheduler", scheduler,
+             *SMALL, *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait_ready()
+        self.base_url = self.url + "/v1"
+
+    def _wait_ready(self, timeout: float = 300.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (http://\S+)", self.log())
+            if match:
+                url = match.group(1)
+                httpx.get(url + "/health", timeout=30).raise_for_status()
+                return url
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self._log.name) as f:
+            return f.read()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        os.unlink(self._log.name)
+        return self.proc.returncode
+
+
+def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample's value from a Prometheus exposition (parsed by prometheus_client)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or all(
+                    sample.labels.get(k) == v for k, v in labels.items())):
+                return sample.value
+    raise KeyError(f"no sample {name} {labels or ''}")
