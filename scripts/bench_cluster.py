@@ -60,18 +60,20 @@ def main(argv):
                 found = cluster_capacity(trace, specs[policy], routing, n, profile, slo,
                                          tol=FLAGS.tol, lo=0.05 * n, hi=1.0 * n)
                 caps[f"{policy}+{routing}"] = found.rate_scale
+                points = " ".join(f"{x:.2f}:{a:.3f}" for x, a in found.points)
                 print(f"  {n} instances  {policy}+{routing:15s} capacity "
-                      f"{found.rate_scale:.3f}  ({time.perf_counter() - start:.0f} s)",
-                      flush=True)
+                      f"{found.rate_scale:.3f}  ({time.perf_counter() - start:.0f} s; "
+                      f"scale:attainment {points})", flush=True)
             base = caps["sarathi+round_robin"]
             at = base or 0.05 * n
             rows = []
             for policy, routing in COMBOS:
+                combo = f"{policy}+{routing}"
                 o = simulate_cluster(trace, specs[policy], routing, n, profile, slo,
                                      rate_scale=at)
                 s = o.summary
-                rows.append({"combo": f"{policy}+{routing}", "capacity": caps[o.label],
-                             "gain_vs_sarathi_rr": caps[o.label] / base - 1 if base else None,
+                rows.append({"combo": combo, "capacity": caps[combo],
+                             "gain_vs_sarathi_rr": caps[combo] / base - 1 if base else None,
                              "p99_ttft_ms": s.ttft.p(99), "slo_attainment": s.slo_attainment,
                              "held": o.result.num_held,
                              "per_instance": o.result.requests_per_instance()})
