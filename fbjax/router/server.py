@@ -263,8 +263,8 @@ class Router:
             async for chunk in chunks:
                 yield chunk
         except httpx.HTTPError as e:
+            # Health is the poller's call: a cut stream may be the network, not the replica.
             self.metrics.stream_errors.inc()
-            self.replicas[index].healthy = False
             log.warning("stream from %s broke: %r", self.urls[index], e)
             error = OpenAIError(502, f"replica {self.urls[index]} failed mid-stream: "
                                 f"{type(e).__name__}", None, "replica_failed")
