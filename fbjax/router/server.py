@@ -44,6 +44,8 @@ from fbjax.serve.protocol import OpenAIError
 
 log = logging.getLogger(__name__)
 
+REPLICA_HEADER = "x-fbjax-replica"  # which replica answered: for operators and tests
+
 # Headers that describe one hop's connection, not the message (RFC 9110 7.6.1).
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate", "host", "content-length"}
@@ -242,7 +244,8 @@ class Router:
                     await upstream.aclose()
                 self.finished(index)
                 return Response(content, upstream.status_code, media_type=upstream.headers.get(
-                    "content-type"), headers=_passthrough(upstream.headers))
+                    "content-type"), headers={**_passthrough(upstream.headers),
+                                              REPLICA_HEADER: url})
             chunks = upstream.aiter_raw()
             try:
                 first = await chunks.__anext__()
@@ -252,7 +255,8 @@ class Router:
                 continue
             return StreamingResponse(self._relay(index, upstream, first, chunks),
                                      upstream.status_code,
-                                     media_type=upstream.headers.get("content-type"))
+                                     media_type=upstream.headers.get("content-type"),
+                                     headers={REPLICA_HEADER: url})
         self.metrics.rejected.labels("503").inc()
         raise OpenAIError(503, "every replica failed to take the request", None, "no_replica")
 
