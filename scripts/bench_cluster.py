@@ -20,6 +20,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S  # noqa: E402
 from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
 from fbjax.sim.cluster import cluster_capacity, simulate_cluster  # noqa: E402
 from fbjax.sim.instance import PolicySpec, load_profile  # noqa: E402
@@ -34,6 +35,8 @@ flags.DEFINE_float("duration_s", 120.0, "Seconds of each trace (from its start);
                    "cluster replays it at rate scale x its own rate.")
 flags.DEFINE_string("setting", "strict", "SLO setting (strict or relaxed).")
 flags.DEFINE_float("tol", 0.04, "Relative tolerance of the capacity bisection.")
+flags.DEFINE_float("max_hold_s", DEFAULT_MAX_HOLD_S, "Router hold limit (pab).")
+flags.DEFINE_float("poll_interval_s", DEFAULT_POLL_INTERVAL_S, "Router load-poll interval.")
 flags.DEFINE_string("json", None, "Write all figures here.")
 
 COMBOS = (("sarathi", "round_robin"), ("sarathi", "least_requests"),
@@ -43,6 +46,7 @@ COMBOS = (("sarathi", "round_robin"), ("sarathi", "least_requests"),
 def main(argv):
     del argv
     profile = load_profile(FLAGS.profile)
+    router = {"max_hold_s": FLAGS.max_hold_s, "poll_interval_s": FLAGS.poll_interval_s}
     report = {"profile": profile.name, "duration_s": FLAGS.duration_s, "runs": []}
     for trace_name in FLAGS.traces:
         trace = protocol_trace(trace_name, FLAGS.duration_s)
@@ -58,7 +62,7 @@ def main(argv):
             for policy, routing in COMBOS:
                 start = time.perf_counter()
                 found = cluster_capacity(trace, specs[policy], routing, n, profile, slo,
-                                         tol=FLAGS.tol, lo=0.05 * n, hi=1.0 * n)
+                                         tol=FLAGS.tol, lo=0.05 * n, hi=1.0 * n, **router)
                 caps[f"{policy}+{routing}"] = found.rate_scale
                 points = " ".join(f"{x:.2f}:{a:.3f}" for x, a in found.points)
                 print(f"  {n} instances  {policy}+{routing:15s} capacity "
@@ -70,7 +74,7 @@ def main(argv):
             for policy, routing in COMBOS:
                 combo = f"{policy}+{routing}"
                 o = simulate_cluster(trace, specs[policy], routing, n, profile, slo,
-                                     rate_scale=at)
+                                     rate_scale=at, **router)
                 s = o.summary
                 rows.append({"combo": combo, "capacity": caps[combo],
                              "gain_vs_sarathi_rr": caps[combo] / base - 1 if base else None,

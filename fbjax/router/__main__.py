@@ -13,6 +13,7 @@ import uvicorn
 from absl import app, flags, logging
 
 from fbjax.config import ConfigError
+from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S
 from fbjax.router.policy import POLICY_NAMES
 from fbjax.router.prompt import prompt_token_counter
 from fbjax.router.server import Router, RouterSettings, build_router_app
@@ -25,8 +26,10 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8080, "Port to listen on; 0 picks a free one (logged).")
 flags.DEFINE_string("model", None, "The replicas' model directory, for its tokenizer and "
                     "chat template (omitted: the built-in model).")
-flags.DEFINE_float("poll_interval_s", 0.05, "How often each replica's /load is read.")
-flags.DEFINE_float("max_hold_s", 1.0, "Longest a request waits for a replica's budget.")
+flags.DEFINE_float("poll_interval_s", DEFAULT_POLL_INTERVAL_S,
+                   "How often each replica's /load is read.")
+flags.DEFINE_float("max_hold_s", DEFAULT_MAX_HOLD_S,
+                   "Longest a request waits for a replica's budget to fit.")
 flags.DEFINE_integer("max_queue", 1024, "Held requests beyond this get 429.")
 
 

@@ -38,7 +38,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from fbjax.router.dispatch import Dispatcher, QueueFull
+from fbjax.router.dispatch import (
+    DEFAULT_MAX_HOLD_S,
+    DEFAULT_POLL_INTERVAL_S,
+    Dispatcher,
+    QueueFull,
+)
 from fbjax.router.policy import NoHealthyReplica, ReplicaState, make_policy
 from fbjax.serve.protocol import OpenAIError
 
@@ -55,8 +60,8 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 class RouterSettings:
     replicas: list[str]  # base URLs, e.g. http://127.0.0.1:8001
     policy: str = "pab"
-    poll_interval_s: float = 0.05  # /load at 20 Hz: a few decode steps between reports
-    max_hold_s: float = 1.0  # longest a request waits for a replica's budget to fit
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    max_hold_s: float = DEFAULT_MAX_HOLD_S  # longest a request waits for a budget
     max_queue: int = 1024  # held requests beyond this get 429
     request_timeout_s: float = 600.0
     retry_after_s: int = 1

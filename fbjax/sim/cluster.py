@@ -24,7 +24,7 @@ from fbjax.metrics import (
     capacity_search,
     summarize,
 )
-from fbjax.router.dispatch import Dispatcher
+from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S, Dispatcher
 from fbjax.router.policy import ReplicaState, make_policy
 from fbjax.sched.base import Scheduler, StepPlan
 from fbjax.sched.latency import LatencyModel
@@ -39,8 +39,6 @@ from fbjax.sim.simulator import (
     StepRecord,
 )
 from fbjax.traces import Trace
-
-DEFAULT_POLL_INTERVAL_S = 0.05  # a router polling /load at 20 Hz: a few decode steps
 
 
 @dataclasses.dataclass
@@ -97,7 +95,8 @@ class ClusterSimulator:
     """Runs requests through ``routing`` over one scheduler per instance."""
 
     def __init__(self, schedulers: Sequence[Scheduler], latency: LatencyModel, routing: str, *,
-                 poll_interval_s: float = DEFAULT_POLL_INTERVAL_S, max_hold_s: float = 1.0,
+                 poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+                 max_hold_s: float = DEFAULT_MAX_HOLD_S,
                  max_held: int = 1_000_000, noise: float = 0.0, seed: int = 0,
                  max_steps: int = 50_000_000,
                  on_progress: Callable[[int, int], None] | None = None) -> None:
@@ -187,7 +186,7 @@ class ClusterOutcome:
 def simulate_cluster(trace: Trace, spec: PolicySpec, routing: str, num_instances: int,
                      profile: Profile, slo: SLO, *, rate_scale: float = 1.0, noise: float = 0.0,
                      seed: int = 0, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-                     max_hold_s: float = 1.0, envelope_anchor: str = "first_token",
+                     max_hold_s: float = DEFAULT_MAX_HOLD_S, envelope_anchor: str = "first_token",
                      on_progress: Callable[[int, int], None] | None = None) -> ClusterOutcome:
     """``trace`` at ``rate_scale`` times its rate over ``num_instances`` instances."""
     schedulers = [build_scheduler(spec, profile) for _ in range(num_instances)]
