@@ -72,7 +72,7 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.chat_template = chat_template or ChatTemplate.for_model(engine.config.model)
-        self.metrics = ServerMetrics(engine.config.scheduler.policy, settings.model_name,
+        self.metrics = ServerMetrics(engine.scheduler.name, settings.model_name,
                                      engine.kv.num_pages)
         self.loop = EngineLoop(engine, self.metrics)
         self.draining = False
@@ -222,7 +222,7 @@ def build_app(state: ServerState) -> FastAPI:
         state.loop.start(asyncio.get_running_loop())
         if state.address is not None:
             log.info("listening on %s (model %r, scheduler %s)", state.address,
-                     settings.model_name, state.engine.config.scheduler.policy)
+                     settings.model_name, state.engine.scheduler.name)
         yield
         state.loop.stop()
 
@@ -291,7 +291,8 @@ def build_app(state: ServerState) -> FastAPI:
                 try:
                     sampling = SamplingParams(max_tokens=max_tokens,
                                               temperature=body.temperature, top_p=body.top_p,
-                                              top_k=max(body.top_k, 0), seed=seed, stop=stop)
+                                              top_k=max(body.top_k, 0), seed=seed, stop=stop,
+                                              ignore_eos=body.ignore_eos)
                     state.engine.encode_and_validate(ids, sampling)
                 except (InvalidRequestError, ValueError) as e:
                     raise OpenAIError(400, str(e)) from None
@@ -449,7 +450,7 @@ def build_app(state: ServerState) -> FastAPI:
         def snapshot(engine: LLMEngine) -> dict[str, Any]:
             sched = engine.scheduler
             out: dict[str, Any] = {
-                "scheduler": engine.config.scheduler.policy,
+                "scheduler": engine.scheduler.name,
                 "num_running": sched.num_running, "num_waiting": sched.num_waiting,
                 "kv_free_pages": engine.kv.num_free_pages,
                 "kv_total_pages": engine.kv.num_pages,

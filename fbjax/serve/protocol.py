@@ -5,8 +5,8 @@ Requests accept what the official client sends. Fields fbjax cannot honour
 accepted at their neutral value and refused with a 400 naming the field otherwise,
 rather than silently ignored. Unknown fields are ignored, as OpenAI does.
 
-Extra fields beyond OpenAI's: ``top_k`` (0 or -1 disables it), and per-request SLO
-overrides ``slo_ttft_ms`` / ``slo_tpot_ms`` (the scheduler's deadlines for this
+Extra fields beyond OpenAI's: ``top_k`` (0 or -1 disables it), ``ignore_eos``, and
+per-request SLO overrides ``slo_ttft_ms`` / ``slo_tpot_ms`` (the scheduler's deadlines for this
 request; defaults come from ``--slo_ttft_ms`` / ``--slo_tpot_ms``).
 
 Seeds may be any 64-bit integer (the client's range); the engine uses ``seed mod
@@ -70,6 +70,8 @@ class _SamplingFields(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Extra: keep generating past EOS (benchmarks with fixed output lengths, as vLLM).
+    ignore_eos: bool = False
     # Extra: per-request SLO overrides (milliseconds).
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
