@@ -2,8 +2,9 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both stream as
 server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /load``
-(the scheduler's load estimate for a router, with queue and KV counts).
+``GET /v1/models`` (and ``/v1/models/{id}``), ``GET /health``, ``GET /metrics``
+(Prometheus), ``GET /load`` (the scheduler's load estimate for a router, with queue
+and KV counts).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``):
 malformed JSON 400, a body of the wrong shape or types 422, a bad value 400, an
@@ -435,6 +436,10 @@ def build_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [model_card(settings.model_name,
                                                       state.max_model_len)]}
 
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        return model_card(check_model(model), state.max_model_len)
+
     @app.get("/health")
     async def health():
         if state.draining:
@@ -471,26 +476,28 @@ def _event(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _until_disconnect(request: Request, items: AsyncIterator, poll_s: float = 0.5):
-    """``items`` until exhausted or the client disconnects (checked every ``poll_s``)."""
+async def _until_disconnect(request: Request, items: AsyncIterator):
+    """``items`` until exhausted or the client disconnects, whichever comes first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
     iterator = items.__aiter__()
-    while True:
-        task = asyncio.ensure_future(iterator.__anext__())
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=poll_s)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    task.cancel()
-                    return
+    try:
+        while True:
+            task = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:  # the client is gone
+                task.cancel()
+                return
             try:
                 yield task.result()
             except StopAsyncIteration:
                 return
-        finally:
-            if not task.done():
-                task.cancel()
+    finally:
+        watcher.cancel()
 
 
 class _ApiKeyMiddleware:

@@ -155,7 +155,10 @@ class EngineLoop:
             while command != ():
                 if command is None:
                     return
-                self._execute(command, events)
+                try:
+                    self._execute(command, events)
+                except Exception:  # never let a bad command stop the thread
+                    log.exception("engine command %s failed", command[0])
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:

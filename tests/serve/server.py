@@ -64,8 +64,10 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """One sample's value from a Prometheus exposition (parsed by prometheus_client)."""
+def metric(text: str, name: str, labels: dict[str, str] | None = None,
+           default: float | None = None) -> float:
+    """One sample's value from a Prometheus exposition (parsed by prometheus_client);
+    ``default`` if there is no such sample (a labelled counter not yet incremented)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
@@ -73,4 +75,6 @@ def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
             if sample.name == name and (labels is None or all(
                     sample.labels.get(k) == v for k, v in labels.items())):
                 return sample.value
+    if default is not None:
+        return default
     raise KeyError(f"no sample {name} {labels or ''}")

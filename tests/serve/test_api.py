@@ -142,6 +142,8 @@ def test_token_id_prompt(client, reference):
 def test_models_health_load(http):
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == MODEL
+    assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert http.get("/v1/models/other").status_code == 404
     assert http.get("/health").json() == {"status": "ok"}
     load = http.get("/load").json()
     assert load["scheduler"] == "sarathi" and load["kv_total_pages"] == 512

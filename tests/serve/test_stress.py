@@ -10,6 +10,7 @@ import random
 import time
 
 import httpx
+import pytest
 
 from fbjax.sched.request import SamplingParams
 from tests.serve.server import API_KEY, metric
@@ -72,3 +73,20 @@ def test_concurrent_streams_with_disconnects(server, reference):
         assert time.monotonic() < deadline, f"KV pool not full again: {free}/{total}"
         time.sleep(0.1)
     assert metric(text, "fbjax_requests_total", {"finish_reason": "abort"}) > 0
+
+
+def test_non_streamed_client_that_leaves_aborts_its_requests(server):
+    url = server.url + "/metrics"
+    aborted = lambda: metric(httpx.get(url).text, "fbjax_requests_total",  # noqa: E731
+                             {"finish_reason": "abort"}, default=0.0)
+    before = aborted()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/completions", timeout=0.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"prompt": "abc", "n": 16, "max_tokens": 480, "ignore_eos": True})
+    deadline = time.monotonic() + 30
+    while aborted() < before + 16:
+        assert time.monotonic() < deadline, "the 16 choices were not aborted"
+        time.sleep(0.1)
+    text = httpx.get(url).text
+    assert metric(text, "fbjax_kv_cache_free_pages") == metric(text, "fbjax_kv_cache_total_pages")
