@@ -15,6 +15,7 @@ Ray is an optional extra: ``pip install 'fbjax[ray]'``.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ from ray.serve.request_router import (
 from fbjax.config import EngineConfig
 from fbjax.router.policy import PrefillAdmissionBudget, ReplicaState, release_target
 from fbjax.serve.app import ServerSettings, ServerState, build_app
+
+log = logging.getLogger(__name__)
 
 # This replica's server state: one engine per replica process, built by the ASGI builder.
 _STATE: ServerState | None = None
@@ -75,7 +78,8 @@ class FbjaxReplica:
         return await _STATE.loop.call(snapshot)
 
 
-def _asgi_builder(config: EngineConfig, settings: ServerSettings):
+def _asgi_builder(config: EngineConfig, settings: ServerSettings,
+                  chat_template: str | None = None):
     def build():
         # Ray pickles this closure by value, globals included: set the state on the
         # imported module, where FbjaxReplica.record_routing_stats reads it.
@@ -84,7 +88,8 @@ def _asgi_builder(config: EngineConfig, settings: ServerSettings):
         from fbjax.serve.text import ChatTemplate
 
         engine = LLMEngine(config)
-        state = ServerState(engine, settings, ChatTemplate.for_model(config.model))
+        state = ServerState(engine, settings,
+                            ChatTemplate.for_model(config.model, chat_template))
         ray_app._STATE = state
         app = build_app(state)
         replica = serve.get_replica_context().replica_id.unique_id
@@ -101,10 +106,11 @@ def _asgi_builder(config: EngineConfig, settings: ServerSettings):
 
 
 def fbjax_application(config: EngineConfig, settings: ServerSettings, num_replicas: int,
-                      stats_period_s: float = 0.1, cpus_per_replica: float = 1.0):
+                      stats_period_s: float = 0.1, cpus_per_replica: float = 1.0,
+                      chat_template: str | None = None):
     """The Ray Serve application: ``serve.run(fbjax_application(...))``."""
     deployment = serve.deployment(
-        serve.ingress(_asgi_builder(config, settings))(FbjaxReplica),
+        serve.ingress(_asgi_builder(config, settings, chat_template))(FbjaxReplica),
         name="fbjax", num_replicas=num_replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
         max_ongoing_requests=settings.max_queue,
@@ -113,3 +119,25 @@ def fbjax_application(config: EngineConfig, settings: ServerSettings, num_replic
             request_routing_stats_period_s=stats_period_s,
             request_routing_stats_timeout_s=max(1.0, 10 * stats_period_s)))
     return deployment.bind()
+
+
+def run_forever(config: EngineConfig, settings: ServerSettings, num_replicas: int,
+                host: str, port: int, chat_template: str | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray, serve on host:port until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    import ray
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(fbjax_application(config, settings, num_replicas, chat_template=chat_template),
+              route_prefix="/")
+    log.info("listening on http://%s:%d (%d Ray Serve replicas, PAB routing)", host, port,
+             num_replicas)
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
