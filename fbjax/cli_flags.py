@@ -22,6 +22,12 @@ flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step "
 flags.DEFINE_integer("page_size", CacheConfig.page_size, "KV cache page size in tokens.")
 flags.DEFINE_integer("num_pages", CacheConfig.num_pages, "KV cache pages.")
 flags.DEFINE_integer("max_model_len", None, "Context limit (default: the model's).")
+flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the weights and KV heads "
+                     "over (across hosts too, with --num_processes).")
+flags.DEFINE_string("coordinator_address", "127.0.0.1:12355", "host:port of process 0, for "
+                    "multi-host runs (jax.distributed).")
+flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in a multi-host run.")
+flags.DEFINE_integer("process_id", 0, "This process's rank in a multi-host run.")
 flags.DEFINE_string("attention_impl", "auto", "Attention implementation (auto: xla on CPU, "
                     "reference elsewhere).")
 
@@ -57,4 +63,12 @@ def engine_config_from_flags() -> EngineConfig:
         sched["profile"] = FLAGS.profile
     return EngineConfig(
         model=FLAGS.model, buckets=buckets, cache=cache, max_model_len=FLAGS.max_model_len,
-        attention_impl=FLAGS.attention_impl, scheduler=SchedulerConfig(**sched))
+        attention_impl=FLAGS.attention_impl, tensor_parallel=FLAGS.tensor_parallel,
+        scheduler=SchedulerConfig(**sched))
+
+
+def initialize_distributed_from_flags() -> None:
+    """Join a multi-host run if ``--num_processes`` > 1 (before building an engine)."""
+    from fbjax.engine import distributed
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

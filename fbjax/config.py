@@ -142,6 +142,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     compilation_cache_dir: str | None = "~/.cache/fbjax/jax"  # None disables it
+    tensor_parallel: int = 1  # devices the weights and KV heads are split over
     show_progress: bool = True
 
 

@@ -11,8 +11,9 @@ import sys
 
 from absl import app, flags, logging
 
-from fbjax.cli_flags import engine_config_from_flags
+from fbjax.cli_flags import engine_config_from_flags, initialize_distributed_from_flags
 from fbjax.config import ConfigError
+from fbjax.engine import distributed
 from fbjax.engine.engine import InvalidRequestError, LLMEngine
 from fbjax.sched.request import SamplingParams
 
@@ -38,11 +39,14 @@ def main(argv: list[str]) -> int:
         print(f"error: bad sampling flag: {e}", file=sys.stderr)
         return 2
     try:
+        initialize_distributed_from_flags()
         engine = LLMEngine(engine_config_from_flags())
         outputs = engine.generate(list(FLAGS.prompt), sampling)
     except (ConfigError, InvalidRequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_leader():  # every host computed the same outputs
+        return 0
     for out in outputs:
         sys.stdout.write(out.text + "\n")
     logging.info("generated %d tokens in %d steps",

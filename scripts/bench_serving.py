@@ -29,6 +29,11 @@ Or start a server per scheduler, one after the other, and compare them::
     python scripts/bench_serving.py --launch sarathi,vllm,fairbatching \\
         --server_args="--token_buckets 16,32,64,128 --seq_buckets 4,16" \\
         --num_prompts 100 --request_rate 8 --goodput ttft:500 tpot:50
+
+Or two replicas behind ``python -m fbjax.router``, one router policy after the other::
+
+    python scripts/bench_serving.py --router_policies pab,round_robin --replicas 2 \
+        --launch fairbatching --num_prompts 200 --request_rate 16
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ flags.DEFINE_string("base_url", "http://127.0.0.1:8000", "Server to benchmark.")
 flags.DEFINE_list("launch", None, "Instead of --base_url: start `python -m fbjax.serve "
                   "--scheduler S` for each scheduler S listed, benchmark it, stop it.")
 flags.DEFINE_string("server_args", "", "Extra flags for the servers --launch starts.")
+flags.DEFINE_list("router_policies", None, "Instead of --base_url: start --replicas servers "
+                  "(--launch's first scheduler, default fairbatching), then for each policy "
+                  "listed a `python -m fbjax.router --policy P` over them, and benchmark it.")
+flags.DEFINE_integer("replicas", 2, "Replicas behind the router with --router_policies.")
 flags.DEFINE_enum("endpoint", "completions", ["completions", "chat"], "API to call.")
 flags.DEFINE_string("model", None, "Model name (default: the server's first model).")
 flags.DEFINE_string("api_key", None, "Bearer key for the server.")
@@ -212,9 +221,14 @@ async def run_benchmark(base_url: str) -> dict:
 
 
 def launch(scheduler: str) -> tuple[subprocess.Popen, str, Path]:
-    log = Path(tempfile.mkstemp(prefix=f"bench-serve-{scheduler}-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "fbjax.serve", "--scheduler", scheduler, "--port", "0",
-           *shlex.split(FLAGS.server_args)]
+    """A ``python -m fbjax.serve`` process with ``scheduler``: (process, URL, its log)."""
+    return launch_module("fbjax.serve", "--scheduler", scheduler,
+                         *shlex.split(FLAGS.server_args), tag=scheduler)
+
+
+def launch_module(module: str, *args: str, tag: str) -> tuple[subprocess.Popen, str, Path]:
+    log = Path(tempfile.mkstemp(prefix=f"bench-serve-{tag}-", suffix=".log")[1])
+    cmd = [sys.executable, "-m", module, "--port", "0", *args]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     while True:
@@ -231,21 +245,51 @@ def comparison(rows: dict[str, dict]) -> str:
             ("p99_ttft_ms", "{:.1f}"), ("mean_tpot_ms", "{:.1f}"), ("p99_tpot_ms", "{:.1f}"),
             ("mean_itl_ms", "{:.1f}"), ("p99_itl_ms", "{:.1f}"), ("mean_e2el_ms", "{:.1f}"),
             ("p99_e2el_ms", "{:.1f}"), ("goodput", "{:.2f}"), ("output_throughput", "{:.1f}")]
-    head = f"{'scheduler':<14}" + "".join(f"{c:>19}" for c, _ in cols)
+    head = f"{'run':<26}" + "".join(f"{c:>19}" for c, _ in cols)
     lines = [head]
     for name, row in rows.items():
         if "error" in row:
-            lines.append(f"{name:<14}  {row['error']}")
+            lines.append(f"{name:<26}  {row['error']}")
             continue
         cells = [("-" if row.get(c) is None else fmt.format(row[c])) for c, fmt in cols]
-        lines.append(f"{name:<14}" + "".join(f"{v:>19}" for v in cells))
+        lines.append(f"{name:<26}" + "".join(f"{v:>19}" for v in cells))
     return "\n".join(lines)
+
+
+def stop(proc: subprocess.Popen, log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    log.unlink()
+
+
+def benchmark_routers() -> dict[str, dict]:
+    """Replicas started once; one router per policy over them, benchmarked in turn."""
+    scheduler = (FLAGS.launch or ["fairbatching"])[0]
+    replicas = [launch(scheduler) for _ in range(FLAGS.replicas)]
+    out = {}
+    try:
+        for policy in FLAGS.router_policies:
+            print(f"\n### router {policy} over {FLAGS.replicas} x {scheduler}", flush=True)
+            urls = [a for _, url, _ in replicas for a in ("--replica", url)]
+            proc, url, log = launch_module("fbjax.router", "--policy", policy, *urls,
+                                           tag=f"router-{policy}")
+            try:
+                out[f"{scheduler}+{policy}"] = asyncio.run(run_benchmark(url))
+            finally:
+                stop(proc, log)
+    finally:
+        for proc, _, log in replicas:
+            stop(proc, log)
+    return out
 
 
 def main(argv: list[str]) -> int:
     del argv
     parse_goodput(FLAGS.goodput)  # flag errors before anything starts
-    if not FLAGS.launch:
+    if FLAGS.router_policies:
+        out = benchmark_routers()
+        print("\n" + comparison(out))
+    elif not FLAGS.launch:
         out = {"server": asyncio.run(run_benchmark(FLAGS.base_url.rstrip("/")))}
     else:
         out = {}
@@ -260,9 +304,7 @@ def main(argv: list[str]) -> int:
             try:
                 out[scheduler] = asyncio.run(run_benchmark(url))
             finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
-                log.unlink()
+                stop(proc, log)
         print("\n" + comparison(out))
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps(out, indent=2))

@@ -12,7 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("fbjax.sched.vllm", "fbjax.sched.sarathi", "fbjax.sched.fairbatching",
            "fbjax.sched.latency", "fbjax.sched.gpu_profile", "fbjax.sched.registry",
            "fbjax.engine.kv_cache",
-           "fbjax.config", "fbjax.traces", "fbjax.metrics", "fbjax.sim.simulator")
+           "fbjax.config", "fbjax.traces", "fbjax.metrics", "fbjax.sim.simulator",
+           "fbjax.router.policy", "fbjax.router.dispatch", "fbjax.sim.cluster")
 
 PROBE = f"""
 import sys

@@ -75,7 +75,7 @@ class LLMEngine:
         self.scheduler = make_scheduler(sched.policy, limits, self.kv)
         self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
                                   self.max_model_len, config.attention_impl, dtype,
-                                  config.show_progress)
+                                  config.show_progress, config.tensor_parallel)
         self._ids = itertools.count()
         self._seeds = random.Random(mc.seed)
         self._stop_texts: dict[str, str] = {}  # text cut at a stop string

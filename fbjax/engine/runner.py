@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,6 +18,7 @@ from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
 from fbjax.engine.buckets import CompiledBuckets
 from fbjax.engine.sampling import sample_tokens
+from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
 from fbjax.model.llama import KVCache, LlamaForCausalLM
 from kernels.ragged_paged_attention import get_attention
 
@@ -49,12 +51,19 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, params, cache: CacheConfig,
                  buckets: BucketConfig, max_model_len: int, attention_impl: str = "auto",
-                 dtype=jnp.float32, show_progress: bool = True) -> None:
+                 dtype=jnp.float32, show_progress: bool = True,
+                 tensor_parallel: int = 1) -> None:
         self.model_config = model_config
-        self.params = params
         self.pages_per_seq = -(-max_model_len // cache.page_size)
         self.model = LlamaForCausalLM(model_config, get_attention(attention_impl), dtype)
         self.kv_cache = make_kv_pool(model_config, cache, dtype)
+        # With tensor_parallel > 1 the weights and pages are laid out over a ``tp`` mesh
+        # and every bucket compiles for that layout (see engine/sharding.py).
+        self.mesh = make_mesh(model_config, tensor_parallel) if tensor_parallel > 1 else None
+        if self.mesh is not None:
+            params = jax.device_put(params, param_shardings(params, self.mesh))
+            self.kv_cache = jax.device_put(self.kv_cache, kv_pool_sharding(self.mesh))
+        self.params = params
         start = time.perf_counter()
         self.executables = CompiledBuckets.compile(
             make_step_fn(self.model),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -19,9 +18,10 @@ import uvicorn
 from absl import app, flags, logging
 
 from fbjax.cli_flags import engine_config_from_flags
-from fbjax.config import ConfigError
+from fbjax.config import BUILTIN_MODEL_CONFIG, ConfigError, ModelConfig
 from fbjax.engine.engine import LLMEngine
 from fbjax.serve.app import ServerSettings, ServerState, build_app
+from fbjax.serve.sockets import listen_socket
 from fbjax.serve.text import ChatTemplate
 
 FLAGS = flags.FLAGS
@@ -39,6 +39,9 @@ flags.DEFINE_string("served_model_name", None, "Model name clients use (default:
                     "directory's name, or the built-in model's).")
 flags.DEFINE_string("chat_template", None, "Jinja chat template file (default: the model's, "
                     "or the simple one documented in fbjax/serve/text.py).")
+flags.DEFINE_bool("ray", False, "Serve from --replicas Ray Serve replicas (a local Ray "
+                  "instance, or the cluster RAY_ADDRESS names), routed by load estimate.")
+flags.DEFINE_integer("replicas", 2, "Replicas with --ray.")
 flags.DEFINE_float("shutdown_grace_s", 10.0, "On SIGTERM, how long in-flight requests may "
                    "run before they are aborted.")
 
@@ -61,20 +64,6 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 def main(argv: list[str]) -> int:
     del argv
     try:
@@ -85,7 +74,9 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"--{name} must be > 0")
         config = engine_config_from_flags()
         template = ChatTemplate.for_model(config.model, FLAGS.chat_template)
-        sock = _listen(FLAGS.host, FLAGS.port)
+        if FLAGS.ray:
+            return _serve_on_ray(config)
+        sock = listen_socket(FLAGS.host, FLAGS.port)
         engine = LLMEngine(config)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -93,13 +84,7 @@ def main(argv: list[str]) -> int:
     buckets = " ".join(f"{t}x{s}" for t, s in engine.runner.executables.keys())
     logging.info("scheduler %s; compiled %d buckets (tokens x seqs): %s",
                  config.scheduler.policy, len(engine.runner.executables), buckets)
-    name = FLAGS.served_model_name or (Path(config.model).name if config.model
-                                       else engine.model_config.name)
-    settings = ServerSettings(model_name=name, api_key=FLAGS.api_key,
-                              max_queue=FLAGS.max_queue, slo_ttft_ms=FLAGS.slo_ttft_ms,
-                              slo_tpot_ms=FLAGS.slo_tpot_ms,
-                              shutdown_grace_s=FLAGS.shutdown_grace_s)
-    state = ServerState(engine, settings, template)
+    state = ServerState(engine, _settings(config), template)
     host, port = sock.getsockname()[:2]
     state.address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     server = _Server(uvicorn.Config(build_app(state), log_level="info", lifespan="on",
@@ -110,6 +95,28 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     logging.info("server stopped")
+    return 0
+
+
+def _settings(config) -> ServerSettings:
+    name = FLAGS.served_model_name or (Path(config.model).name if config.model
+                                       else ModelConfig.from_json(BUILTIN_MODEL_CONFIG).name)
+    return ServerSettings(model_name=name, api_key=FLAGS.api_key, max_queue=FLAGS.max_queue,
+                          slo_ttft_ms=FLAGS.slo_ttft_ms, slo_tpot_ms=FLAGS.slo_tpot_ms,
+                          shutdown_grace_s=FLAGS.shutdown_grace_s)
+
+
+def _serve_on_ray(config) -> int:
+    """``--ray``: the same app in ``--replicas`` Ray Serve replicas behind the PAB router,
+    until SIGTERM or Ctrl-C."""
+    try:
+        from fbjax.serve import ray_app
+    except ImportError:
+        raise ConfigError("--ray needs Ray Serve: pip install -e '.[ray]'") from None
+    if FLAGS.replicas < 1:
+        raise ConfigError(f"--replicas must be >= 1, got {FLAGS.replicas}")
+    ray_app.run_forever(config, _settings(config), FLAGS.replicas, FLAGS.host, FLAGS.port,
+                        chat_template=FLAGS.chat_template)
     return 0
 
 

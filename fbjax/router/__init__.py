@@ -1,0 +1,1 @@
+"""Cluster routing: one policy code shared by the HTTP router, Ray Serve and the simulator."""

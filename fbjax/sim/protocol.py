@@ -1,0 +1,110 @@
+"""The evaluation protocol of DESIGN.md in one place: which slice of a trace, which SLOs.
+
+SLOs are multiples of the profile's unloaded latencies (DistServe / Sarathi-Serve
+practice): a request's TTFT SLO is k x its own prefill time alone, floored at k x that
+of the trace's median prompt; TPOT is k' x one decode step at median context. Sarathi
+"as deployed" uses the largest bucket whose worst-case step meets the TPOT SLO at the
+trace's p90 prompt. The scheduler and cluster benchmarks and the reproduction report
+all build their settings here, so their figures are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sim.experiment import SLO
+from fbjax.sim.instance import (
+    PolicySpec,
+    Profile,
+    deployed_chunk_size,
+    unloaded_decode_s,
+    unloaded_prefill_s,
+)
+from fbjax.traces import Trace, TraceError, load_trace
+
+# (TTFT multiple, TPOT multiple) of the unloaded latencies.
+SLO_SETTINGS = {"strict": (10.0, 4.0), "relaxed": (25.0, 8.0)}
+# Sarathi oracle candidates and the vLLM-style baseline's token budget.
+ORACLE_BUDGETS = (256, 512, 1024, 2048)
+VLLM_BUDGET = 2048
+# A length-only trace (no timestamps) gets Poisson arrivals at this base rate; the
+# experiments then scale the rate as for any trace.
+LENGTHS_ONLY_RATE = 1.0
+# Mooncake's timestamps are quantized to ~3 s buckets; spread each bucket over its
+# width as its README advises (else rate scaling keeps every burst intact).
+MOONCAKE_JITTER_S = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One (trace, SLO setting) cell of an experiment."""
+
+    name: str
+    slo: SLO
+    unloaded_ttft_s: float  # of the trace's median prompt
+    unloaded_tpot_s: float  # at its median context
+    deployed_budget: int  # Sarathi as deployed
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.slo.describe()} (unloaded TTFT "
+                f"{self.unloaded_ttft_s * 1e3:.0f} ms, TPOT {self.unloaded_tpot_s * 1e3:.1f} "
+                f"ms); Sarathi deployed budget {self.deployed_budget}")
+
+
+def protocol_trace(name: str, duration_s: float | None = None) -> Trace:
+    """The trace by name, Mooncake jittered, cut to its first ``duration_s`` seconds."""
+    jitter = {"jitter_s": MOONCAKE_JITTER_S} if name.startswith("mooncake") else {}
+    try:
+        trace = load_trace(name, **jitter)
+    except TraceError as e:
+        if "length-only" not in str(e):
+            raise
+        trace = load_trace(name, rate=LENGTHS_ONLY_RATE)
+    return trace.sliced(0, duration_s) if duration_s else trace
+
+
+def unloaded_latencies(profile: Profile, trace: Trace) -> tuple[float, float]:
+    """Unloaded TTFT of the trace's median prompt and TPOT at its median context."""
+    prompt = int(np.median(trace.prompt_lens))
+    context = int(np.median(trace.prompt_lens) + np.median(trace.output_lens) / 2)
+    return (unloaded_prefill_s(profile.latency, profile.buckets, prompt),
+            unloaded_decode_s(profile.latency, profile.buckets, context))
+
+
+def setting_for(name: str, profile: Profile, trace: Trace) -> Setting:
+    if name not in SLO_SETTINGS:
+        raise ValueError(f"unknown SLO setting {name!r}; choose one of {list(SLO_SETTINGS)}")
+    k_ttft, k_tpot = SLO_SETTINGS[name]
+    ttft0, tpot0 = unloaded_latencies(profile, trace)
+    slo = SLO(k_ttft * ttft0, k_tpot * tpot0, ttft_prefill_multiple=k_ttft)
+    context = int(np.percentile(trace.prompt_lens, 90))
+    deployed = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s, context)
+    return Setting(name, slo, ttft0, tpot0, deployed)
+
+
+def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = True
+                 ) -> list[PolicySpec]:
+    """The rows every experiment compares: Sarathi as deployed (first), the Sarathi
+    oracle's other budgets, vLLM-style chunked prefill, FairBatching, and its ablations
+    (without adaptive capacity, without fair formation, envelope anchored at arrival)."""
+    slo, deployed = setting.slo, setting.deployed_budget
+    fb = FairBatchingConfig(ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s)
+    out = [PolicySpec("sarathi", token_budget=deployed, label=f"sarathi-deployed({deployed})")]
+    if oracle:
+        out += [PolicySpec("sarathi", token_budget=b, label=f"sarathi-{b}")
+                for b in ORACLE_BUDGETS if b != deployed]
+    out += [PolicySpec("vllm", token_budget=VLLM_BUDGET, label=f"vllm-{VLLM_BUDGET}"),
+            PolicySpec("fairbatching", fairbatching=fb, label="fairbatching")]
+    if ablations:
+        out += [
+            PolicySpec("fairbatching", token_budget=deployed, label="fb-no-adaptive-capacity",
+                       fairbatching=dataclasses.replace(fb, adaptive_capacity=False)),
+            PolicySpec("fairbatching", label="fb-no-fair-formation",
+                       fairbatching=dataclasses.replace(fb, fair_formation=False)),
+            PolicySpec("fairbatching", label="fb-anchor-arrival",
+                       fairbatching=dataclasses.replace(fb, anchor="arrival")),
+        ]
+    return out
