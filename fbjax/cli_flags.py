@@ -8,7 +8,11 @@ from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, S
 
 flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
                     "model.")
-flags.DEFINE_string("scheduler", "vllm", "Scheduling policy.")
+flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, fairbatching.")
+flags.DEFINE_string("profile", None, "Latency profile (path or name in configs/profiles); "
+                    "fairbatching defaults to configs/profiles/<device>-<model>.json.")
+flags.DEFINE_bool("force_profile", False, "Use a profile recorded on another device or for "
+                  "another model anyway.")
 flags.DEFINE_list("token_buckets", None, "Token-budget ladder, e.g. 16,32,64,128,256 "
                   "(default: EngineConfig's).")
 flags.DEFINE_list("seq_buckets", None, "Sequences-per-step ladder, e.g. 4,8,16,32.")
@@ -47,4 +51,5 @@ def engine_config_from_flags() -> EngineConfig:
         model=FLAGS.model, buckets=buckets, cache=cache, max_model_len=FLAGS.max_model_len,
         attention_impl=FLAGS.attention_impl,
         scheduler=SchedulerConfig(policy=FLAGS.scheduler,
-                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens))
+                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                  profile=FLAGS.profile, force_profile=FLAGS.force_profile))
