@@ -218,3 +218,16 @@ def scheduler_config(engine, policy: str, slo: SLO, *, token_budget: int | None 
         profile=str(engine.profile_path) if engine.profile_path else None,
         max_num_batched_tokens=token_budget if policy != "fairbatching" else None,
         ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s, anchor=anchor)
+
+
+def calibrate(engine, warm: Trace, slo: SLO, out_dir: str | None = None):
+    """Replay ``warm`` on the engine with online refinement on and save the refined
+    profile (to a temporary directory unless ``out_dir``); returns its path. Brings a
+    profile recorded earlier up to the machine's present state before a comparison."""
+    import tempfile
+    from pathlib import Path
+
+    replay_engine(engine, warm, slo, engine_profile(engine))
+    path = Path(out_dir or tempfile.mkdtemp()) / engine.profile_path.name
+    engine.save_profile(path)
+    return path
