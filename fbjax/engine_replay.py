@@ -29,6 +29,7 @@ import numpy as np
 from fbjax.metrics import RequestMetrics, prefill_decode_share, summarize
 from fbjax.sched.base import StepPlan
 from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.latency import StepFeatures
 from fbjax.sched.request import SamplingParams
 from fbjax.sim.experiment import SLO, Outcome
 from fbjax.sim.instance import PolicySpec, Profile
@@ -104,10 +105,16 @@ def _prompt(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
 
 def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None, *,
                   policy: str | None = None, seed: int = 0, lead_s: float = 0.2,
-                  envelope_anchor: str = "first_token",
+                  envelope_anchor: str = "first_token", reference=None,
+                  stats: dict | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> Outcome:
     """Run ``trace`` through ``engine`` in real time; the same Outcome as ``simulate``.
-    Requests that can never fit the engine (context or KV pool) are skipped and counted."""
+    Requests that can never fit the engine (context or KV pool) are skipped and counted.
+    ``stats`` receives the total runner time of the steps (``measured_s``), their
+    predicted total under a ``reference`` LatencyModel if given (``predicted_s``: how
+    fast the machine ran during the replay relative to that profile), and the total
+    time of the whole ``engine.step`` calls (``step_wall_s``: the runner plus the
+    host's scheduling and batch building, which the simulator does not model)."""
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
     requests: list[TraceRequest] = list(trace)
@@ -115,8 +122,14 @@ def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None
     scheduler = engine.scheduler
     clock_start = [0.0]
 
+    totals = [0.0, 0.0, 0.0]  # runner seconds, their predictions, whole engine steps
+
     def observe(plan: StepPlan, seconds: float) -> None:
         decodes = sum(1 for c in plan.chunks if c.is_decode)
+        totals[0] += seconds
+        if reference is not None:
+            totals[1] += reference.predict(plan.bucket, StepFeatures.of_chunks(
+                (c.num_tokens, c.kv_len, c.is_decode) for c in plan.chunks))
         steps.append(StepRecord(time.monotonic() - clock_start[0] - seconds, seconds,
                                 plan.bucket, plan.num_tokens - decodes, decodes,
                                 bool(scheduler.waiting) or decodes < len(plan.chunks),
@@ -149,8 +162,10 @@ def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None
                     skipped += 1
                 nxt += 1
             if engine.has_unfinished_requests():
+                step_start = time.perf_counter()
                 for out in engine.step():
                     finished += out.finished
+                totals[2] += time.perf_counter() - step_start
                 if on_progress is not None and finished and len(steps) % 50 == 0:
                     on_progress(finished, len(requests))
             elif nxt < len(requests):
@@ -158,6 +173,9 @@ def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None
     finally:
         engine.step_observer = previous_observer
     end = time.monotonic()
+    if stats is not None:
+        stats.update(measured_s=totals[0], predicted_s=totals[1], step_wall_s=totals[2],
+                     num_steps=len(steps))
     if on_progress is not None:
         on_progress(finished + skipped, len(requests))
     records = []
