@@ -96,22 +96,29 @@ def main(argv):
     for policy in policies:
         sim = simulate(run_trace, specs[policy], sim_profile, slo)
         engine.use_scheduler(configs[policy])
-        real = replay_engine(engine, run_trace, slo, engine_profile(engine), policy=policy)
-        figures[policy] = {}
+        stats: dict = {}
+        real = replay_engine(engine, run_trace, slo, engine_profile(engine), policy=policy,
+                             reference=sim_profile.latency, stats=stats)
+        figures[policy] = {"engine_speed_vs_profile": stats["measured_s"]
+                           / max(stats["predicted_s"], 1e-12)}
         for label, o in (("engine", real), ("simulator", sim)):
             s = o.summary
             f = {"ttft_p50_ms": s.ttft.p(50), "ttft_p99_ms": s.ttft.p(99),
                  "tpot_p99_ms": s.tpot.p(99), "ttft_attain": s.ttft_attainment,
                  "tpot_attain": s.tpot_attainment, "slo_attain": s.slo_attainment,
-                 "prefill_share": o.share.prefill_share}
+                 "prefill_share": o.share.prefill_share,
+                 "preemptions": s.num_preemptions}
             figures[policy][label] = f
             rows.append(f"| {policy} | {label} | {f['ttft_p50_ms']:.0f} | {f['ttft_p99_ms']:.0f} "
                         f"| {f['tpot_p99_ms']:.1f} | {f['ttft_attain']:.3f} "
-                        f"| {f['tpot_attain']:.3f} | {f['slo_attain']:.3f} |")
-        print(f"{policy}: engine done ({len(real.result.steps)} steps)", flush=True)
+                        f"| {f['tpot_attain']:.3f} | {f['slo_attain']:.3f} "
+                        f"| {f['preemptions']} |")
+        print(f"{policy}: engine done ({len(real.result.steps)} steps; runner time "
+              f"{figures[policy]['engine_speed_vs_profile']:.2f}x the calibrated profile's "
+              "prediction)", flush=True)
     print("\n| policy | executor | P50 TTFT ms | P99 TTFT ms | P99 TPOT ms | TTFT attain "
-          "| TPOT attain | SLO attain |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| TPOT attain | SLO attain | preemptions |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     e = {p: figures[p]["engine"] for p in policies}
     print(f"\nengine: P99 TTFT sarathi/fairbatching = "
