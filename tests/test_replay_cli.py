@@ -70,14 +70,16 @@ def test_malformed_trace_names_file_and_line(tmp_path):
 
 def test_engine_replay_reports_both_policies_and_the_length_scaling(conv_trace, tmp_path):
     out_json = tmp_path / "e.json"
-    proc = run_replay("--trace", conv_trace, "--engine", "--duration_s", "2",
+    proc = run_replay("--trace", conv_trace, "--engine", "--start_s", "600", "--duration_s", "2",
+                      "--length_scale", "0.25",
                       "--scheduler", "sarathi,fairbatching", "--sarathi_budget", "128",
                       "--slo_ttft_ms", "2000", "--slo_tpot_ms", "100", "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr
-    assert "real engine" in proc.stdout and "to fit the model's 2048-token context" in proc.stdout
+    assert "real engine" in proc.stdout and "lengths x0.250 to fit the model's 2048-token" \
+        " context" in proc.stdout
     for name in ("sarathi", "fairbatching"):
         assert f"| {name} |" in proc.stdout
     data = json.loads(out_json.read_text())
-    assert data["executor"] == "engine" and 0 < data["length_scaling"]["factor"] < 1
+    assert data["executor"] == "engine" and data["length_scaling"]["factor"] == 0.25
     n = data["num_requests"]
-    assert n > 0 and all(r["completed"] == n for r in data["results"].values())
+    assert n > 3 and all(r["completed"] == n for r in data["results"].values())
