@@ -65,6 +65,9 @@ flags.DEFINE_string("length_scale", "auto", "--engine: multiply prompt and outpu
                     "this, or 'auto' (the largest factor that fits the p99 request in the "
                     "model's context).")
 flags.DEFINE_integer("num_pages", 1024, "--engine: KV cache pages (16 tokens each).")
+flags.DEFINE_list("token_buckets", None, "--engine: token-budget ladder (default: "
+                  "EngineConfig's; the profile must cover every bucket).")
+flags.DEFINE_list("seq_buckets", None, "--engine: sequences-per-step ladder.")
 flags.DEFINE_bool("force_profile", False, "--engine: use a profile of another device/model.")
 flags.DEFINE_string("save_profile", None, "--engine: write the online-refined profile here.")
 flags.mark_flag_as_required("trace")
@@ -154,8 +157,18 @@ def engine_main(trace) -> int:
     except ValueError:
         raise ValueError("--length_scale must be a number in (0, 1] or 'auto', got "
                          f"{FLAGS.length_scale!r}") from None
+    from fbjax.config import BucketConfig
+
+    default = BucketConfig()
+    try:
+        buckets = BucketConfig(
+            tuple(int(x) for x in FLAGS.token_buckets or default.token_buckets),
+            tuple(int(x) for x in FLAGS.seq_buckets or default.seq_buckets))
+    except ValueError as e:
+        raise ValueError(f"--token_buckets/--seq_buckets: {e}") from None
     try:
         engine = build_engine("fairbatching", model=FLAGS.model, profile=profile_arg,
+                              buckets=buckets,
                               force_profile=FLAGS.force_profile, slo=slo,
                               anchor=FLAGS.anchor, num_pages=FLAGS.num_pages)
     except ProfileError as e:

@@ -71,7 +71,8 @@ def test_malformed_trace_names_file_and_line(tmp_path):
 def test_engine_replay_reports_both_policies_and_the_length_scaling(conv_trace, tmp_path):
     out_json = tmp_path / "e.json"
     proc = run_replay("--trace", conv_trace, "--engine", "--start_s", "600", "--duration_s", "2",
-                      "--length_scale", "0.25",
+                      "--length_scale", "0.25", "--token_buckets", "16,64,256",
+                      "--seq_buckets", "4,16",
                       "--scheduler", "sarathi,fairbatching", "--sarathi_budget", "128",
                       "--slo_ttft_ms", "2000", "--slo_tpot_ms", "100", "--json", str(out_json))
     assert proc.returncode == 0, proc.stderr
