@@ -413,8 +413,18 @@ def fit_profile(measurements: Sequence[Measurement], metadata: dict[str, Any], *
         raise ProfileError(f"too few measurements for buckets {short[:4]} (need {min_points} "
                            "each): raise --time_limit_s or lower --points_per_bucket")
     points = [(m.point.bucket, m.point.features, m.seconds) for m in measurements]
-    model = LatencyModel.fit(points, holdout_every=holdout_every, metadata=metadata)
-    model = monotone_lift(model)
+    # Held-out error of what is shipped (fit + lift), on the split LatencyModel.fit uses:
+    # every ``holdout_every``-th point of each bucket (index 2 mod holdout_every).
+    seen: dict[Bucket, int] = {}
+    train, held = [], []
+    for point in points:
+        i = seen[point[0]] = seen.get(point[0], -1) + 1
+        (held if holdout_every > 0 and counts[point[0]] >= 3 and i % holdout_every == 2
+         else train).append(point)
+    model = monotone_lift(LatencyModel.fit(points, holdout_every=0, metadata=metadata))
+    if held:
+        probe = monotone_lift(LatencyModel.fit(train, holdout_every=0))
+        model.heldout = probe.error_on(held)
     if model.heldout is not None:
         model.metadata["heldout_mape"] = model.heldout.mape
         model.metadata["heldout_p95_abs_ms"] = model.heldout.p95_abs_ms
@@ -422,37 +432,39 @@ def fit_profile(measurements: Sequence[Measurement], metadata: dict[str, Any], *
 
 
 def monotone_lift(model: LatencyModel) -> LatencyModel:
-    """Raise bucket intercepts where noise made a bigger bucket cheaper than the one
-    below it, so predictions grow with the step across bucket boundaries too (within a
-    bucket NNLS already makes them monotone): one more fresh prompt token past the end
-    of the token bucket below, or one more decode past the seq bucket below, never
-    predicts less. Lifts are recorded in the metadata (``monotone_lift_ms``); the
-    held-out error is that of the unlifted fit."""
+    """Raise bucket intercepts where noise made a step one unit bigger predict less than
+    the step below it across a bucket boundary (within a bucket NNLS already makes
+    predictions monotone), along the paths the engine takes: one fresh prompt chunk
+    growing past a token bucket, and decodes growing past a seq bucket, each on the
+    bucket ``BucketConfig.pick`` gives it. Lifts are recorded in the metadata
+    (``monotone_lift_ms``); the held-out error ``fit_profile`` reports is that of the
+    lifted model."""
     coef = {b: c.copy() for b, c in model.coefficients.items()}
-    tokens = sorted({t for t, _ in coef})
-    seqs = sorted({s for _, s in coef})
+    try:
+        ladder = BucketConfig(tuple(sorted({t for t, _ in coef})),
+                              tuple(sorted({s for _, s in coef})))
+    except ValueError:
+        return model
 
-    def predict(bucket, chunks) -> float:
-        return float(coef[bucket] @ StepFeatures.of_chunks(chunks).vector())
+    def predict(chunks) -> tuple[Bucket, float]:
+        f = StepFeatures.of_chunks(chunks)
+        bucket = ladder.pick(f.num_tokens, f.num_seqs)
+        return bucket, float(coef[bucket] @ f.vector()) if bucket in coef else math.inf
 
-    lifts = {}
-    for t_i, t in enumerate(tokens):
-        for s_i, s in enumerate(seqs):
-            b = (t, s)
-            if b not in coef:
-                continue
-            deficit = 0.0
-            if t_i and (tokens[t_i - 1], s) in coef:
-                n = tokens[t_i - 1]
-                deficit = max(deficit, predict((n, s), [(n, n, False)])
-                              - predict(b, [(n + 1, n + 1, False)]))
-            if s_i and (t, seqs[s_i - 1]) in coef:
-                n = seqs[s_i - 1]
-                deficit = max(deficit, predict((t, n), [(1, 2, True)] * n)
-                              - predict(b, [(1, 2, True)] * (n + 1)))
-            if deficit > 0:
-                coef[b][0] += deficit
-                lifts[f"{t}x{s}"] = round(deficit * 1e3, 4)
+    paths = [[(n, n, False)] for n in ladder.token_buckets]
+    paths += [[(1, 2, True)] * n for n in ladder.seq_buckets]
+    lifts: dict[str, float] = {}
+    for chunks in sorted(paths, key=len):
+        q, kv, is_decode = chunks[0]
+        bigger = [(q + 1, kv + 1, False)] if not is_decode else chunks + [(1, 2, True)]
+        f = StepFeatures.of_chunks(bigger)
+        if f.num_tokens > ladder.max_tokens or f.num_seqs > ladder.max_seqs:
+            continue
+        (_, before), (bucket, after) = predict(chunks), predict(bigger)
+        if bucket in coef and after < before:
+            coef[bucket][0] += before - after
+            key = f"{bucket[0]}x{bucket[1]}"
+            lifts[key] = round(lifts.get(key, 0.0) + (before - after) * 1e3, 4)
     metadata = dict(model.metadata, monotone_lift_ms=lifts)
     return LatencyModel(coef, metadata=metadata, heldout=model.heldout)
 
