@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from absl import flags
 
 from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 
 flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
                     "model.")
-flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: fairbatching, sarathi or vllm.")
-flags.DEFINE_string("profile", None, "FairBatching latency profile (name in configs/profiles "
-                    "or path); passed on as SchedulerConfig.profile where the engine takes "
-                    "one.")
+flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, fairbatching.")
+flags.DEFINE_string("profile", None, "Latency profile (path or name in configs/profiles); "
+                    "fairbatching defaults to configs/profiles/<device>-<model>.json.")
+flags.DEFINE_bool("force_profile", False, "Use a profile recorded on another device or for "
+                  "another model anyway.")
 flags.DEFINE_list("token_buckets", None, "Token-budget ladder, e.g. 16,32,64,128,256 "
                   "(default: EngineConfig's).")
 flags.DEFINE_list("seq_buckets", None, "Sequences-per-step ladder, e.g. 4,8,16,32.")
@@ -54,17 +53,12 @@ def engine_config_from_flags() -> EngineConfig:
         cache = CacheConfig(FLAGS.page_size, FLAGS.num_pages)
     except ConfigError as e:
         raise ConfigError(f"bad bucket or cache flag: {e}") from None
-    sched: dict = {"policy": FLAGS.scheduler,
-                   "max_num_batched_tokens": FLAGS.max_num_batched_tokens}
-    if FLAGS.profile is not None:
-        if "profile" not in {f.name for f in dataclasses.fields(SchedulerConfig)}:
-            raise ConfigError("--profile: this engine build takes no latency profile yet "
-                              "(SchedulerConfig has no 'profile' field)")
-        sched["profile"] = FLAGS.profile
     return EngineConfig(
         model=FLAGS.model, buckets=buckets, cache=cache, max_model_len=FLAGS.max_model_len,
         attention_impl=FLAGS.attention_impl, tensor_parallel=FLAGS.tensor_parallel,
-        scheduler=SchedulerConfig(**sched))
+        scheduler=SchedulerConfig(policy=FLAGS.scheduler,
+                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                  profile=FLAGS.profile, force_profile=FLAGS.force_profile))
 
 
 def initialize_distributed_from_flags() -> None:

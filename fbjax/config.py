@@ -123,11 +123,25 @@ class BucketConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Which policy decides each step, and its step limits (default: the largest bucket)."""
+    """Which policy decides each step, and its step limits (default: the largest bucket).
+
+    ``profile`` is a latency profile (path or name in configs/profiles). FairBatching
+    needs one; without it the engine looks for ``configs/profiles/<device>-<model>.json``
+    (see ``fbjax.profiling``) and fails with an error naming ``--profile`` if there is
+    none. A profile recorded on another device or for another model is refused unless
+    ``force_profile``. With ``online_update`` the engine refines the profile from every
+    measured step. The SLOs are FairBatching's defaults for requests that carry none.
+    """
 
     policy: str = "vllm"
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    profile: str | None = None
+    force_profile: bool = False
+    online_update: bool = True
+    ttft_slo_s: float = 3.0
+    tpot_slo_s: float = 0.1
+    anchor: str = "first_token"  # FairBatching envelope anchor: first_token | arrival
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Trace replay through the simulator: ``python -m fbjax.replay --trace azure_llm_2023_conv``.
+"""Trace replay through the simulator or, with ``--engine``, through the real engine.
+
+``python -m fbjax.replay --trace azure_llm_2023_conv``
 
 Replays a request trace (a name in ``<shared>/data/traces`` or a path) through one or
 more schedulers on a latency profile (``configs/profiles``), and prints, per policy, a
@@ -9,6 +11,15 @@ adds the highest rate scale meeting the SLO for 99% of requests (bisection);
     python -m fbjax.replay --trace azure_llm_2023_conv --duration_s 300 \\
         --profile a100-llama3-8b --scheduler sarathi,fairbatching \\
         --slo_ttft_ms 3000 --slo_tpot_ms 100 --plot cdf.png
+
+With ``--engine`` the trace slice runs on the real engine (the built-in model unless
+``--model``; real tokens, wall-clock time; see ``fbjax.engine_replay``), policies one
+after another on one compiled engine, with the same report. The profile is then the
+engine's (default ``configs/profiles/<device>-<model>.json``); prompt and output lengths
+are scaled to the model's context (``--length_scale``), and the report says by how much.
+
+    python -m fbjax.replay --engine --trace azure_llm_2023_conv --duration_s 60 \
+        --scheduler sarathi,fairbatching --slo_ttft_ms 1000 --slo_tpot_ms 50
 """
 
 from __future__ import annotations
@@ -48,6 +59,17 @@ flags.DEFINE_integer("seed", 0, "Seed for noise and jitter.")
 flags.DEFINE_bool("capacity", False, "Also search each policy's capacity (99% attainment).")
 flags.DEFINE_string("plot", None, "Write TTFT/TPOT CDF plots to this PNG.")
 flags.DEFINE_string("json", None, "Write all figures to this JSON file.")
+flags.DEFINE_bool("engine", False, "Replay through the real engine instead of the simulator.")
+flags.DEFINE_string("model", None, "--engine: local HF model directory (default: built-in).")
+flags.DEFINE_string("length_scale", "auto", "--engine: multiply prompt and output lengths by "
+                    "this, or 'auto' (the largest factor that fits the p99 request in the "
+                    "model's context).")
+flags.DEFINE_integer("num_pages", 1024, "--engine: KV cache pages (16 tokens each).")
+flags.DEFINE_list("token_buckets", None, "--engine: token-budget ladder (default: "
+                  "EngineConfig's; the profile must cover every bucket).")
+flags.DEFINE_list("seq_buckets", None, "--engine: sequences-per-step ladder.")
+flags.DEFINE_bool("force_profile", False, "--engine: use a profile of another device/model.")
+flags.DEFINE_string("save_profile", None, "--engine: write the online-refined profile here.")
 flags.mark_flag_as_required("trace")
 
 
@@ -110,6 +132,101 @@ def plot_cdfs(outcomes: list[Outcome], slo: SLO, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def engine_main(trace) -> int:
+    """``--engine``: the slice through the real engine, each policy in turn."""
+    from fbjax.engine_replay import (
+        build_engine,
+        engine_profile,
+        fit_lengths,
+        scheduler_config,
+        step_time_summary,
+    )
+    from fbjax.profiling import ProfileError
+
+    if FLAGS.capacity:
+        raise ValueError("--capacity needs the simulator (it replays at many rates); "
+                         "drop --engine or --capacity")
+    profile_arg = FLAGS.profile if FLAGS["profile"].present else None
+    slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3, FLAGS.slo_ttft_prefill_multiple)
+    for name in FLAGS.scheduler:
+        if name not in ("vllm", "sarathi", "fairbatching"):
+            raise ValueError(f"--scheduler: unknown policy {name!r} "
+                             "(choose vllm, sarathi, fairbatching)")
+    try:
+        scale = None if FLAGS.length_scale == "auto" else float(FLAGS.length_scale)
+    except ValueError:
+        raise ValueError("--length_scale must be a number in (0, 1] or 'auto', got "
+                         f"{FLAGS.length_scale!r}") from None
+    from fbjax.config import BucketConfig
+
+    default = BucketConfig()
+    try:
+        buckets = BucketConfig(
+            tuple(int(x) for x in FLAGS.token_buckets or default.token_buckets),
+            tuple(int(x) for x in FLAGS.seq_buckets or default.seq_buckets))
+    except ValueError as e:
+        raise ValueError(f"--token_buckets/--seq_buckets: {e}") from None
+    try:
+        engine = build_engine("fairbatching", model=FLAGS.model, profile=profile_arg,
+                              buckets=buckets,
+                              force_profile=FLAGS.force_profile, slo=slo,
+                              anchor=FLAGS.anchor, num_pages=FLAGS.num_pages)
+    except ProfileError as e:
+        raise ValueError(str(e)) from None
+    trace = trace.scaled(FLAGS.rate_scale) if FLAGS.rate_scale != 1.0 else trace
+    trace, scaling = fit_lengths(trace, engine.max_model_len, scale)
+    profile = engine_profile(engine)
+    if FLAGS.sarathi_budget == "deployed":
+        context = int(sorted(r.prompt_len for r in trace)[int(0.9 * (len(trace) - 1))])
+        budget = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s, context)
+    else:
+        budget = int(FLAGS.sarathi_budget)
+    print(f"trace {trace.name}: {len(trace)} requests over {trace.duration_s:.0f} s "
+          f"({trace.mean_rate:.2f} req/s, rate scale {FLAGS.rate_scale} applied) on the real "
+          f"engine ({engine.model_config.name}, {engine.profile_path.stem} profile); "
+          f"{scaling.describe()}; SLO {slo.describe()}; Sarathi/vLLM budget {budget} tokens")
+    outcomes = []
+    from fbjax.engine_replay import replay_engine
+
+    for name in FLAGS.scheduler:
+        engine.use_scheduler(scheduler_config(engine, name, slo, token_budget=budget,
+                                              anchor=FLAGS.anchor))
+        with tqdm(total=len(trace), desc=f"engine {name}", unit="req", file=sys.stderr) as bar:
+            outcome = replay_engine(engine, trace, slo, engine_profile(engine), policy=name,
+                                    seed=FLAGS.seed, envelope_anchor=FLAGS.anchor,
+                                    on_progress=lambda d, t, bar=bar: bar.update(d - bar.n))
+        outcomes.append(outcome)
+        steps = step_time_summary(outcome.result.steps)
+        print(f"\n{name} (real engine: {steps['steps']:.0f} steps, step time p50 "
+              f"{steps['p50_ms']:.1f} ms, p99 {steps['p99_ms']:.1f} ms"
+              + (f"; {outcome.num_skipped} requests refused" if outcome.num_skipped else "")
+              + ")")
+        print(format_table(outcome.summary))
+        if FLAGS.save_profile and engine.latency is not None:
+            engine.save_profile(FLAGS.save_profile)
+            print(f"online-refined profile written to {FLAGS.save_profile}")
+    print(f"\nlength scaling: {scaling.describe()}")
+    print(comparison_table(outcomes, {}))
+    if FLAGS.plot:
+        plot_cdfs(outcomes, slo, FLAGS.plot, f"{trace.name} on the engine: {slo.describe()}")
+        print(f"plot written to {FLAGS.plot}")
+    if FLAGS.json:
+        Path(FLAGS.json).write_text(json.dumps({
+            "trace": trace.name, "num_requests": len(trace), "rate_scale": FLAGS.rate_scale,
+            "executor": "engine", "profile": str(engine.profile_path),
+            "length_scaling": {"factor": scaling.factor, "context": scaling.context,
+                               "clipped": scaling.num_clipped,
+                               "description": scaling.describe()},
+            "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "sarathi_budget": budget,
+            "results": {o.policy: {**o.summary.to_dict(), "prefill_share": o.share.prefill_share,
+                                   "skipped": o.num_skipped,
+                                   "steps": step_time_summary(o.result.steps)}
+                        for o in outcomes},
+        }, indent=1) + "\n")
+        print(f"figures written to {FLAGS.json}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     del argv
     try:
@@ -118,6 +235,8 @@ def main(argv: list[str]) -> int:
         end = None if FLAGS.duration_s is None else FLAGS.start_s + FLAGS.duration_s
         if FLAGS.start_s or end is not None:
             trace = trace.sliced(FLAGS.start_s, end)
+        if FLAGS.engine:
+            return engine_main(trace)
         profile = load_profile(FLAGS.profile)
         slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3,
                   FLAGS.slo_ttft_prefill_multiple)

@@ -46,6 +46,11 @@ def test_replay_reports_every_policy_and_writes_json_and_plot(conv_trace, tmp_pa
     (["--trace", "azure_llm_2023_conv", "--scheduler", "fifo"], "--scheduler"),
     (["--trace", "azure_llm_2023_conv", "--profile", "tpu-v9"], "profile not found"),
     (["--trace", "azure_llm_2023_conv", "--sarathi_budget", "lots"], "--sarathi_budget"),
+    (["--trace", "azure_llm_2023_conv", "--engine", "--capacity"], "--capacity"),
+    (["--trace", "azure_llm_2023_conv", "--engine", "--length_scale", "lots"],
+     "--length_scale"),
+    (["--trace", "azure_llm_2023_conv", "--engine", "--profile", "a100-llama3-8b"],
+     "--force_profile"),
 ])
 def test_bad_flags_are_named(conv_trace, args, message):
     proc = run_replay(*args)
@@ -61,3 +66,21 @@ def test_malformed_trace_names_file_and_line(tmp_path):
     proc = run_replay("--trace", str(bad))
     assert proc.returncode == 2
     assert "bad.csv" in proc.stderr and ":3" in proc.stderr
+
+
+def test_engine_replay_reports_both_policies_and_the_length_scaling(conv_trace, tmp_path):
+    out_json = tmp_path / "e.json"
+    proc = run_replay("--trace", conv_trace, "--engine", "--start_s", "600", "--duration_s", "2",
+                      "--length_scale", "0.25", "--token_buckets", "16,64,256",
+                      "--seq_buckets", "4,16",
+                      "--scheduler", "sarathi,fairbatching", "--sarathi_budget", "128",
+                      "--slo_ttft_ms", "2000", "--slo_tpot_ms", "100", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    assert "real engine" in proc.stdout and "lengths x0.250 to fit the model's 2048-token" \
+        " context" in proc.stdout
+    for name in ("sarathi", "fairbatching"):
+        assert f"| {name} |" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["executor"] == "engine" and data["length_scaling"]["factor"] == 0.25
+    n = data["num_requests"]
+    assert n > 3 and all(r["completed"] == n for r in data["results"].values())

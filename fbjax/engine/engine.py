@@ -12,16 +12,21 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import jax.numpy as jnp
 
-from fbjax.config import EngineConfig
+from fbjax.config import EngineConfig, SchedulerConfig
 from fbjax.engine.batch import build_batch
 from fbjax.engine.buckets import enable_compilation_cache
 from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.engine.runner import ModelRunner
 from fbjax.model.weights import LoadedModel, load_model
+from fbjax.profiling import current_device_key, load_engine_profile, model_key
 from fbjax.sched.base import StepLimits, StepPlan
+from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.registry import make_scheduler
 from fbjax.sched.request import Request, RequestStatus, SamplingParams
 
@@ -70,9 +75,7 @@ class LLMEngine:
                                  mc.max_position_embeddings)
         self.kv = KVCacheManager(config.cache.num_pages, config.cache.page_size)
         sched = config.scheduler
-        limits = StepLimits.from_buckets(config.buckets, sched.max_num_batched_tokens,
-                                         sched.max_num_seqs)
-        self.scheduler = make_scheduler(sched.policy, limits, self.kv)
+        self.use_scheduler(sched)  # before compiling: a bad profile fails fast
         self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
                                   self.max_model_len, config.attention_impl, dtype,
                                   config.show_progress, config.tensor_parallel)
@@ -82,6 +85,34 @@ class LLMEngine:
         self._finished: dict[str, Request] = {}
         self.num_steps = 0
         self.last_plan: StepPlan | None = None  # read-only for observers (server metrics)
+        # Step timing: the runner call only (it returns host arrays, so the device work
+        # is done). ``step_clock`` is replaceable (tests inject step times through it);
+        # ``step_observer(plan, seconds)``, if set, sees every measured step.
+        self.step_clock: Callable[[], float] = time.perf_counter
+        self.step_observer: Callable[[StepPlan, float], None] | None = None
+        self.last_step_seconds = 0.0
+
+    def use_scheduler(self, sched: SchedulerConfig) -> None:
+        """Build the scheduler ``sched`` names (on an idle engine: replays compare policies
+        without recompiling). The latency profile (FairBatching needs one; any policy may
+        refine one) is checked against this device, model and bucket set."""
+        if getattr(self, "scheduler", None) is not None and self.scheduler.has_unfinished():
+            raise RuntimeError("cannot change the scheduler with requests in flight")
+        config = self.config = dataclasses.replace(self.config, scheduler=sched)
+        self.latency: LatencyModel | None = None
+        self.profile_path: Path | None = None
+        if sched.policy == "fairbatching" or sched.profile:
+            self.latency, self.profile_path, warnings = load_engine_profile(
+                sched.profile, device=current_device_key(), model=model_key(config.model),
+                buckets=config.buckets, force=sched.force_profile)
+            for warning in warnings:
+                log.warning(warning)
+        limits = StepLimits.from_buckets(config.buckets, sched.max_num_batched_tokens,
+                                         sched.max_num_seqs)
+        self.scheduler = make_scheduler(
+            sched.policy, limits, self.kv, latency=self.latency,
+            fairbatching=FairBatchingConfig(ttft_slo_s=sched.ttft_slo_s,
+                                            tpot_slo_s=sched.tpot_slo_s, anchor=sched.anchor))
 
     # ----- requests ---------------------------------------------------------------
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
@@ -144,13 +175,37 @@ class LLMEngine:
         if plan.is_empty:
             return []
         batch = build_batch(plan, self.kv, self.runner.pages_per_seq)
+        start = self.step_clock()
         sampled_rows = self.runner.run(batch)
+        seconds = self.last_step_seconds = self.step_clock() - start
         now = time.monotonic()
+        self._observe_step(plan, seconds)
         sampled = {c.request.request_id: int(sampled_rows[i])
                    for i, c in enumerate(plan.chunks) if c.completes}
         self.scheduler.on_step_done(plan, sampled, now)
         self.num_steps += 1
         return self._collect_outputs(plan, sampled)
+
+    def _observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """Feed a measured step time to the latency model (online refinement)."""
+        if self.latency is not None and self.config.scheduler.online_update:
+            feats = StepFeatures.of_chunks((c.num_tokens, c.kv_len, c.is_decode)
+                                           for c in plan.chunks)
+            self.latency.update(plan.bucket, feats, seconds)
+        if self.step_observer is not None:
+            self.step_observer(plan, seconds)
+
+    def save_profile(self, path: str | Path) -> None:
+        """Write the latency model as refined online so far (corrections folded in)."""
+        if self.latency is None:
+            raise ValueError("this engine has no latency profile to save")
+        m = self.latency
+        m.metadata["online_refinement"] = {
+            "from": str(self.profile_path), "updates": m.num_updates,
+            "outliers_rejected": m.num_outliers,
+            "corrections": {f"{b[0]}x{b[1]}": round(c, 4) for b, c in
+                            sorted(m.correction.items()) if c != 1.0}}
+        m.save(path)
 
     def _collect_outputs(self, plan: StepPlan, sampled: dict[str, int]) -> list[RequestOutput]:
         outputs = []

@@ -12,6 +12,17 @@ the simulator uses it as the step time, and the engine feeds measured times back
 ``update`` (online refinement: a per-bucket multiplicative correction, an exponential
 moving average of measured/predicted that ignores outliers such as a GC pause).
 
+Outliers are judged robustly: each bucket keeps its last ``window`` log ratios of
+measured to profiled time, and a new one is rejected when it lies more than
+``mad_k`` scaled median absolute deviations from their median (before the window holds
+``min_window`` samples, when it is ``outlier_ratio`` times off the current correction
+either way). Why not a fixed ratio alone: step times on a shared CPU are heavy-tailed
+(a GC pause, another process on the core), and a fixed 3x gate lets a 2.5x hiccup move
+the correction; the MAD gate tightens itself to each bucket's actual noise. Every
+sample enters the window, accepted or not, so one GC pause never moves the model while
+a lasting change (the machine got slower, another tenant arrived) becomes the window's
+median after ``window / 2`` steps and is then learned.
+
 Pure Python + numpy; saved as JSON with its provenance and held-out error.
 """
 
@@ -20,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,7 +139,8 @@ class LatencyModel:
     def __init__(self, coefficients: dict[Bucket, np.ndarray], *,
                  metadata: dict[str, Any] | None = None,
                  heldout: FitError | None = None, ema: float = 0.1,
-                 outlier_ratio: float = 3.0) -> None:
+                 outlier_ratio: float = 3.0, window: int = 32, min_window: int = 8,
+                 mad_k: float = 4.0, min_spread: float = 0.05) -> None:
         if not coefficients:
             raise ValueError("a latency model needs at least one bucket")
         self.coefficients = {b: np.asarray(c, float) for b, c in coefficients.items()}
@@ -138,7 +152,13 @@ class LatencyModel:
         self.correction = {b: 1.0 for b in self.coefficients}
         self.ema = ema
         self.outlier_ratio = outlier_ratio
+        self.window = window
+        self.min_window = min_window
+        self.mad_k = mad_k
+        self.min_spread = min_spread  # floor of the log-ratio spread (0.05: about 5 %)
+        self._recent: dict[Bucket, deque[float]] = {}
         self.num_outliers = 0
+        self.num_updates = 0
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -184,16 +204,29 @@ class LatencyModel:
     # ----- online refinement --------------------------------------------------------
     def update(self, bucket: Bucket, features: StepFeatures, measured: float) -> bool:
         """Fold one measured step time into the bucket's correction; False if rejected
-        as an outlier (more than ``outlier_ratio`` off the prediction either way)."""
+        as an outlier (see the module docstring) or nonsensical."""
         base = self.predict(bucket, features) / self.correction[bucket]
-        if base <= 0 or measured <= 0:
+        if not (base > 0 and measured > 0 and math.isfinite(measured)):
             return False
         ratio = measured / base
         current = self.correction[bucket]
-        if not 1 / self.outlier_ratio <= ratio / current <= self.outlier_ratio:
+        log_ratio = math.log(ratio)
+        recent = self._recent.get(bucket)
+        if recent is None:
+            recent = self._recent[bucket] = deque(maxlen=self.window)
+        if len(recent) >= self.min_window:
+            center = statistics.median(recent)
+            mad = statistics.median(abs(x - center) for x in recent)
+            outlier = abs(log_ratio - center) > self.mad_k * max(1.4826 * mad,
+                                                                  self.min_spread)
+        else:
+            outlier = not 1 / self.outlier_ratio <= ratio / current <= self.outlier_ratio
+        recent.append(log_ratio)
+        if outlier:
             self.num_outliers += 1
             return False
         self.correction[bucket] = (1 - self.ema) * current + self.ema * ratio
+        self.num_updates += 1
         return True
 
     # ----- persistence --------------------------------------------------------------

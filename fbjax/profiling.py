@@ -1,0 +1,537 @@
+"""Engine latency profiles: measure each compiled bucket, fit, check, load.
+
+``python -m fbjax.profile`` (the CLI in ``fbjax/profile.py``) uses this module to run
+the engine's own compiled buckets over a grid of step contents and fit the per-bucket
+``LatencyModel``; the engine uses it to find and vet the profile FairBatching needs.
+
+**Keys.** A profile is named ``configs/profiles/<device>-<model>.json``:
+
+* ``device`` is ``cpu`` on any CPU (JAX reports no finer kind; a CPU profile is only
+  meaningful on machines of the same kind, whose model name and core count the
+  metadata records in ``device_detail`` for information, not for matching, so a CI
+  runner of the same instance type accepts it). On accelerators it is the JAX device
+  kind shortened to its family: ``NVIDIA H100 80GB HBM3`` -> ``h100``,
+  ``NVIDIA A100-SXM4-80GB`` -> ``a100``, ``TPU v5 lite`` -> ``tpu-v5-lite``. These match
+  the GPU profiles built from vidur timings (``a100``, ``h100``).
+* ``model`` is ``builtin-tiny`` for the built-in model, else the model directory's
+  name, lower-cased (``/models/Llama-3-8B`` -> ``llama-3-8b``).
+
+A profile whose ``device`` or ``model`` differs from the engine's is refused with a
+message saying both, unless forced (``SchedulerConfig.force_profile``,
+``--force_profile``). A profile must also cover every bucket the engine compiles.
+
+**Grid.** For each bucket ``(T, S)``, steps that the engine would actually run on it
+(``BucketConfig.pick`` of their size is that bucket): decode-only, prefill-only and
+mixed steps, with the number of sequences, the split between decodes and prompt
+chunks, decode context lengths and prefill prefix lengths drawn log-uniformly from a
+seeded generator. Corner points (the bucket full of prefill with no prefix, all decodes
+at the longest context) are always included. Points are measured round-robin over
+buckets so a run cut short by the time limit still covers every bucket evenly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fbjax.config import CONFIGS_DIR, BucketConfig
+from fbjax.sched.latency import FEATURES, FORMAT, LatencyModel, StepFeatures
+
+PROFILES_DIR = CONFIGS_DIR / "profiles"
+BUILTIN_MODEL_KEY = "builtin-tiny"
+# Metadata an engine profile must carry (GPU profiles from vidur carry the first two).
+REQUIRED_METADATA = {"device": str, "model": str}
+ENGINE_METADATA = {"device": str, "model": str, "token_buckets": list, "seq_buckets": list,
+                   "jax_version": str, "kv_capacity_tokens": int, "page_size": int}
+
+Bucket = tuple[int, int]
+Chunk = tuple[int, int, bool]  # (q_len, kv_len, is_decode), as StepFeatures.add takes
+
+
+class ProfileError(ValueError):
+    """The profile cannot be used as asked; the message says why and what to do."""
+
+
+# ----- keys ---------------------------------------------------------------------------------
+
+def device_key_of(platform_name: str, device_kind: str) -> str:
+    """The stable device key of a JAX device's platform and ``device_kind``."""
+    platform_name = platform_name.lower()
+    if platform_name == "cpu":
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-")
+    if platform_name == "tpu" or slug.startswith("tpu"):
+        return slug if slug.startswith("tpu") else f"tpu-{slug}"
+    slug = re.sub(r"^(nvidia|amd|tesla)-", "", slug)
+    slug = re.sub(r"^(nvidia|amd|tesla)-", "", slug)
+    return slug.split("-")[0] or platform_name
+
+
+def current_device_key() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return device_key_of(device.platform, device.device_kind)
+
+
+def device_detail() -> dict[str, Any]:
+    """What the metadata records about the machine (informational, not matched)."""
+    import jax
+
+    device = jax.devices()[0]
+    detail: dict[str, Any] = {"platform": device.platform, "device_kind": device.device_kind,
+                              "num_devices": jax.device_count()}
+    if device.platform == "cpu":
+        detail["cpu"] = _cpu_model_name()
+        detail["cores"] = os.cpu_count()
+        detail["machine"] = platform.machine()
+    return detail
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def model_key(model: str | None) -> str:
+    if model is None:
+        return BUILTIN_MODEL_KEY
+    name = Path(os.path.expanduser(str(model))).resolve().name
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
+
+
+def default_profile_path(device: str, model: str) -> Path:
+    return PROFILES_DIR / f"{device}-{model}.json"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (for messages)."""
+    try:
+        return str(path.relative_to(CONFIGS_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A path as given, or a name in configs/profiles (``cpu-builtin-tiny``)."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.exists():
+        return path
+    candidate = PROFILES_DIR / f"{name_or_path}.json"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+    raise ProfileError(f"latency profile not found: {name_or_path} (give a path, or one of "
+                       f"{known})")
+
+
+# ----- checks -------------------------------------------------------------------------------
+
+def validate_engine_metadata(metadata: dict[str, Any], source: str) -> None:
+    """Schema of an engine profile's metadata (what ``python -m fbjax.profile`` writes)."""
+    for key, kind in ENGINE_METADATA.items():
+        if key not in metadata:
+            raise ProfileError(f"{source}: metadata lacks {key!r}")
+        value = metadata[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ProfileError(f"{source}: metadata {key!r} must be a {kind.__name__}, "
+                               f"got {value!r}")
+    for key in ("token_buckets", "seq_buckets"):
+        ladder = metadata[key]
+        if not ladder or any(not isinstance(x, int) or x <= 0 for x in ladder):
+            raise ProfileError(f"{source}: metadata {key!r} must list positive integers")
+
+
+def check_profile(latency: LatencyModel, *, device: str, model: str, buckets: BucketConfig,
+                  force: bool = False, source: str = "profile") -> list[str]:
+    """Refuse a profile of another device or model (unless ``force``) or one that lacks
+    some of ``buckets``; returns the warnings a forced use deserves."""
+    meta = latency.metadata
+    warnings = []
+    for key, want in (("device", device), ("model", model)):
+        have = meta.get(key)
+        if have == want:
+            continue
+        what = (f"{source} was recorded for {key} {have!r}, but this engine runs "
+                f"{key} {want!r}" if have is not None
+                else f"{source} does not say which {key} it was recorded for "
+                     f"(this engine runs {key} {want!r})")
+        if not force:
+            raise ProfileError(
+                f"{what}. Record a profile here with `python -m fbjax.profile --out "
+                f"{_shown(default_profile_path(device, model))}`, "
+                "or pass --force_profile (SchedulerConfig.force_profile=True) to use it "
+                "anyway")
+        warnings.append(f"{what}; used anyway (forced)")
+    missing = [b for b in buckets.pairs() if b not in latency.coefficients]
+    if missing:
+        have = sorted(latency.coefficients)
+        raise ProfileError(
+            f"{source} lacks {len(missing)} of the engine's {len(buckets.pairs())} buckets "
+            f"(e.g. {missing[:4]}); it covers {have[:6]}{'...' if len(have) > 6 else ''}. "
+            "Profile this bucket set (python -m fbjax.profile with the same "
+            "--token_buckets/--seq_buckets) or run the engine with the profile's buckets")
+    return warnings
+
+
+def load_engine_profile(profile: str | Path | None, *, device: str, model: str,
+                        buckets: BucketConfig, force: bool = False,
+                        ) -> tuple[LatencyModel, Path, list[str]]:
+    """The latency model the engine should use: ``profile`` if given, else the default
+    ``configs/profiles/<device>-<model>.json``; checked by ``check_profile``."""
+    if profile is None:
+        path = default_profile_path(device, model)
+        if not path.exists():
+            raise ProfileError(
+                f"the fairbatching scheduler needs a latency profile and there is none for "
+                f"device {device!r} and model {model!r} at {path}; record one with "
+                f"`python -m fbjax.profile --out {_shown(path)}` "
+                "or give one with --profile (SchedulerConfig.profile)")
+    else:
+        path = resolve_profile_path(profile)
+    try:
+        latency = LatencyModel.load(path)
+    except ValueError as e:
+        raise ProfileError(str(e)) from None
+    warnings = check_profile(latency, device=device, model=model, buckets=buckets,
+                             force=force, source=f"profile {path}")
+    return latency, path, warnings
+
+
+# ----- the grid -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    bucket: Bucket
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def features(self) -> StepFeatures:
+        return StepFeatures.of_chunks(self.chunks)
+
+
+def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    if hi <= lo:
+        return lo
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def _split(rng: random.Random, total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` positive integers (a random composition)."""
+    if parts == 1:
+        return [total]
+    cuts = sorted(rng.sample(range(1, total), parts - 1))
+    return [b - a for a, b in zip([0] + cuts, cuts + [total], strict=True)]
+
+
+def bucket_grid(buckets: BucketConfig, bucket: Bucket, num_points: int, *, max_context: int,
+                max_kv_tokens: int, page_size: int, seed: int = 0) -> list[GridPoint]:
+    """``num_points`` step contents that ``buckets.pick`` puts on ``bucket``."""
+    tokens, seqs = bucket
+    ti, si = buckets.token_buckets.index(tokens), buckets.seq_buckets.index(seqs)
+    prev_t = buckets.token_buckets[ti - 1] if ti else 0
+    prev_s = buckets.seq_buckets[si - 1] if si else 0
+    rng = random.Random(seed * 1_000_003 + tokens * 1009 + seqs)
+    points: list[GridPoint] = []
+
+    def feasible(n_tok: int, n_seq: int) -> bool:
+        return buckets.pick(n_tok, n_seq) == bucket
+
+    def pages(chunks) -> int:
+        return sum(-(-kv // page_size) for _, kv, _ in chunks)
+
+    def add(chunks: list[Chunk]) -> bool:
+        n_tok = sum(q for q, _, _ in chunks)
+        if (not chunks or not feasible(n_tok, len(chunks))
+                or pages(chunks) * page_size > max_kv_tokens
+                or max(kv for _, kv, _ in chunks) > max_context):
+            return False
+        points.append(GridPoint(bucket, tuple(chunks)))
+        return True
+
+    n_max = min(seqs, tokens)
+    # Corners: a full bucket of fresh prefill; all decodes at the longest context.
+    add([(tokens, tokens, False)] if seqs == 1 or prev_s == 0 else
+        [(tokens - prev_s, tokens - prev_s, False)] + [(1, 1 + 16, True)] * prev_s)
+    ctx = max(2, min(max_context, max_kv_tokens // max(n_max, 1) - page_size))
+    add([(1, ctx, True)] * n_max)
+    attempts = 0
+    while len(points) < num_points and attempts < 50 * num_points:
+        attempts += 1
+        n_seq = rng.randint(prev_s + 1, n_max) if prev_s < n_max else n_max
+        lo = n_seq if seqs > prev_t else max(prev_t + 1, n_seq)
+        if lo > tokens:
+            continue
+        kind = rng.choice(("decode", "prefill", "mixed", "mixed"))
+        if kind == "decode" or n_seq == 1 and kind == "mixed":
+            n_dec = n_seq if kind == "decode" else 0
+        else:
+            n_dec = 0 if kind == "prefill" else rng.randint(1, n_seq - 1)
+        n_pre = n_seq - n_dec
+        if n_pre == 0:
+            n_tok = n_dec
+        else:
+            n_tok = rng.randint(max(lo, n_dec + n_pre), tokens)
+        budget_ctx = max(2, max_kv_tokens // max(n_seq, 1) - page_size)
+        top = max(2, min(max_context, budget_ctx))
+        chunks: list[Chunk] = [(1, _log_uniform(rng, 2, top), True) for _ in range(n_dec)]
+        if n_pre:
+            for q in _split(rng, n_tok - n_dec, n_pre):
+                prefix = 0 if rng.random() < 0.4 else _log_uniform(rng, 1, max(1, top - q))
+                chunks.append((q, min(q + prefix, max(q, top)), False))
+        add(chunks)
+    return points
+
+
+def profile_grid(buckets: BucketConfig, points_per_bucket: int, *, max_context: int,
+                 max_kv_tokens: int, page_size: int, seed: int = 0) -> list[GridPoint]:
+    """Every bucket's grid, interleaved round-robin (see the module docstring)."""
+    grids = [bucket_grid(buckets, b, points_per_bucket, max_context=max_context,
+                         max_kv_tokens=max_kv_tokens, page_size=page_size, seed=seed)
+             for b in buckets.pairs()]
+    out = []
+    for i in range(max((len(g) for g in grids), default=0)):
+        out += [g[i] for g in grids if i < len(g)]
+    return out
+
+
+# ----- measuring ----------------------------------------------------------------------------
+
+STATISTICS = ("min", "median")
+
+
+@dataclasses.dataclass
+class Measurement:
+    point: GridPoint
+    samples: list[float]
+    statistic: str = "min"
+
+    @property
+    def seconds(self) -> float:
+        """The point's time: the minimum of its repeats by default. On a shared machine
+        interference (other processes, a GC pause) only ever adds time, so the fastest
+        of a few spread-out runs is the device's own cost and the most repeatable
+        figure; a sustained slowdown is what the engine's online correction is for."""
+        if self.statistic == "min":
+            return min(self.samples)
+        return float(statistics.median(self.samples))
+
+
+def make_plan(engine, point: GridPoint):
+    """A StepPlan of placeholder requests with ``point``'s contents; their KV pages are
+    allocated from the engine's pool (free them with ``release_plan``)."""
+    from fbjax.sched.base import ScheduledChunk, StepPlan
+    from fbjax.sched.request import Request, SamplingParams
+
+    greedy = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+    chunks = []
+    for i, (q, kv, is_decode) in enumerate(point.chunks):
+        rid = f"profile-{i}"
+        if is_decode:
+            request = Request(rid, [65] * (kv - 1), greedy, 0.0)
+            request.append_output(66, 0.0)
+        else:
+            request = Request(rid, [65] * kv, greedy, 0.0)
+        if not engine.kv.ensure(rid, kv):
+            release_plan(engine, chunks)
+            raise ProfileError(f"grid point {point.chunks} does not fit the KV pool")
+        chunks.append(ScheduledChunk(request, q, kv - q))
+    return StepPlan(point.bucket, chunks)
+
+
+def release_plan(engine, chunks) -> None:
+    for c in chunks:
+        engine.kv.free(c.request.request_id)
+
+
+def time_step(engine, plan, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one runner call (the result is fetched, so the device work is done)."""
+    from fbjax.engine.batch import build_batch
+
+    batch = build_batch(plan, engine.kv, engine.runner.pages_per_seq)
+    start = clock()
+    engine.runner.run(batch)
+    return clock() - start
+
+
+def measure(engine, points: Sequence[GridPoint], *, warmup: int = 1, repeats: int = 3,
+            statistic: str = "min", time_limit_s: float | None = None,
+            progress: Callable[[int, int], None] | None = None) -> list[Measurement]:
+    """Time every point ``repeats`` times on the engine's executables, in ``repeats``
+    passes over the whole grid (so one burst of interference hits one sample of many
+    points rather than every sample of one), after ``warmup`` untimed runs of each
+    point in the first pass. At the time limit it stops, keeping the points with at
+    least one sample; ``progress(done, total)`` counts timed runs."""
+    if statistic not in STATISTICS:
+        raise ProfileError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if engine.scheduler.has_unfinished():
+        raise ProfileError("profile an idle engine: it has requests in flight")
+    start = time.monotonic()
+    samples: list[list[float]] = [[] for _ in points]
+    total = len(points) * repeats
+    done = 0
+    for rep in range(repeats):
+        for i, point in enumerate(points):
+            if time_limit_s is not None and time.monotonic() - start > time_limit_s:
+                break
+            plan = make_plan(engine, point)
+            try:
+                for _ in range(warmup if rep == 0 else 0):
+                    time_step(engine, plan)
+                samples[i].append(time_step(engine, plan))
+            finally:
+                release_plan(engine, plan.chunks)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return [Measurement(p, s, statistic) for p, s in zip(points, samples, strict=True) if s]
+
+
+def fit_profile(measurements: Sequence[Measurement], metadata: dict[str, Any], *,
+                holdout_every: int = 5, min_points: int = 3) -> LatencyModel:
+    counts: dict[Bucket, int] = {}
+    for m in measurements:
+        counts[m.point.bucket] = counts.get(m.point.bucket, 0) + 1
+    wanted = [tuple(b) for b in metadata.get("buckets_profiled", counts)]
+    short = [b for b in wanted if counts.get(b, 0) < min_points]
+    if short:
+        raise ProfileError(f"too few measurements for buckets {short[:4]} (need {min_points} "
+                           "each): raise --time_limit_s or lower --points_per_bucket")
+    points = [(m.point.bucket, m.point.features, m.seconds) for m in measurements]
+    # Held-out error of what is shipped (fit + lift), on the split LatencyModel.fit uses:
+    # every ``holdout_every``-th point of each bucket (index 2 mod holdout_every).
+    seen: dict[Bucket, int] = {}
+    train, held = [], []
+    for point in points:
+        i = seen[point[0]] = seen.get(point[0], -1) + 1
+        (held if holdout_every > 0 and counts[point[0]] >= 3 and i % holdout_every == 2
+         else train).append(point)
+    model = monotone_lift(LatencyModel.fit(points, holdout_every=0, metadata=metadata))
+    if held:
+        probe = monotone_lift(LatencyModel.fit(train, holdout_every=0))
+        model.heldout = probe.error_on(held)
+    if model.heldout is not None:
+        model.metadata["heldout_mape"] = model.heldout.mape
+        model.metadata["heldout_p95_abs_ms"] = model.heldout.p95_abs_ms
+    return model
+
+
+def monotone_lift(model: LatencyModel) -> LatencyModel:
+    """Raise bucket intercepts where noise made a step one unit bigger predict less than
+    the step below it across a bucket boundary (within a bucket NNLS already makes
+    predictions monotone), along the paths the engine takes: one fresh prompt chunk
+    growing past a token bucket, and decodes growing past a seq bucket, each on the
+    bucket ``BucketConfig.pick`` gives it. Lifts are recorded in the metadata
+    (``monotone_lift_ms``); the held-out error ``fit_profile`` reports is that of the
+    lifted model."""
+    coef = {b: c.copy() for b, c in model.coefficients.items()}
+    try:
+        ladder = BucketConfig(tuple(sorted({t for t, _ in coef})),
+                              tuple(sorted({s for _, s in coef})))
+    except ValueError:
+        return model
+
+    def predict(chunks) -> tuple[Bucket, float]:
+        f = StepFeatures.of_chunks(chunks)
+        bucket = ladder.pick(f.num_tokens, f.num_seqs)
+        return bucket, float(coef[bucket] @ f.vector()) if bucket in coef else math.inf
+
+    paths = [[(n, n, False)] for n in ladder.token_buckets]
+    paths += [[(1, 2, True)] * n for n in ladder.seq_buckets]
+    lifts: dict[str, float] = {}
+    for chunks in sorted(paths, key=len):
+        q, kv, is_decode = chunks[0]
+        bigger = [(q + 1, kv + 1, False)] if not is_decode else chunks + [(1, 2, True)]
+        f = StepFeatures.of_chunks(bigger)
+        if f.num_tokens > ladder.max_tokens or f.num_seqs > ladder.max_seqs:
+            continue
+        (_, before), (bucket, after) = predict(chunks), predict(bigger)
+        if bucket in coef and after < before:
+            coef[bucket][0] += before - after
+            key = f"{bucket[0]}x{bucket[1]}"
+            lifts[key] = round(lifts.get(key, 0.0) + (before - after) * 1e3, 4)
+    metadata = dict(model.metadata, monotone_lift_ms=lifts)
+    return LatencyModel(coef, metadata=metadata, heldout=model.heldout)
+
+
+def engine_metadata(engine) -> dict[str, Any]:
+    """Provenance of a profile measured on ``engine`` (see ``ENGINE_METADATA``)."""
+    import jax
+    import jaxlib
+
+    config = engine.config
+    mc = engine.model_config
+    return {
+        "source": "python -m fbjax.profile",
+        "device": current_device_key(),
+        "device_detail": device_detail(),
+        "model": model_key(config.model),
+        "model_shape": {k: getattr(mc, k) for k in (
+            "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+            "head_dim", "vocab_size")},
+        "dtype": config.dtype,
+        "attention_impl": config.attention_impl,
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "token_buckets": list(config.buckets.token_buckets),
+        "seq_buckets": list(config.buckets.seq_buckets),
+        "kv_capacity_tokens": config.cache.num_pages * config.cache.page_size,
+        "page_size": config.cache.page_size,
+        "max_model_len": engine.max_model_len,
+        "units": "seconds",
+        "features": list(FEATURES),
+        "format": FORMAT,
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+    }
+
+
+def plot_profile(model: LatencyModel, measurements: Sequence[Measurement], path: str,
+                 title: str) -> None:
+    """Predicted vs measured, one small panel per bucket."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_bucket: dict[Bucket, list[tuple[float, float]]] = {}
+    for m in measurements:
+        by_bucket.setdefault(m.point.bucket, []).append(
+            (m.seconds * 1e3, model.predict(m.point.bucket, m.point.features) * 1e3))
+    keys = sorted(by_bucket)
+    cols = min(6, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, bucket in zip(axes.flat, keys, strict=False):
+        pairs = by_bucket[bucket]
+        x = [p[0] for p in pairs]
+        y = [p[1] for p in pairs]
+        hi = max(x + y) * 1.05
+        lo = min(x + y) * 0.95
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.scatter(x, y, s=8)
+        ax.set_title(f"{bucket[0]} tok x {bucket[1]} seq", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("measured step time (ms)")
+    fig.supylabel("predicted (ms)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
