@@ -24,21 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
-from fbjax.sim.experiment import SLO, capacity, simulate  # noqa: E402
-from fbjax.sim.instance import (  # noqa: E402
-    PolicySpec,
-    deployed_chunk_size,
-    load_profile,
-    unloaded_decode_s,
-    unloaded_prefill_s,
+from fbjax.sim.experiment import capacity, simulate  # noqa: E402
+from fbjax.sim.instance import PolicySpec, load_profile  # noqa: E402
+from fbjax.sim.protocol import (  # noqa: E402
+    VLLM_BUDGET,
+    Setting,
+    policy_specs,
+    protocol_trace,
+    setting_for,
 )
-from fbjax.traces import load_trace  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("traces", ["azure_llm_2023_code", "azure_llm_2023_conv",
@@ -54,44 +52,16 @@ flags.DEFINE_list("stall_caps", [], "Also run FairBatching with max_decode_stall
 flags.DEFINE_list("only", [], "Run only these rows (plus sarathi-deployed and fairbatching, "
                   "which the comparison needs), e.g. fb-no-fair-formation,fb-stall-2x.")
 
-# SLO multiples of the unloaded latencies (DistServe / Sarathi-Serve practice).
-SETTINGS = {"strict": (10.0, 4.0), "relaxed": (25.0, 8.0)}
-ORACLE_BUDGETS = (256, 512, 1024, 2048)
-VLLM_BUDGET = 2048
-
-
-def unloaded(profile, trace) -> tuple[float, float]:
-    """Unloaded TTFT of the trace's median prompt and TPOT at its median context."""
-    prompt = int(np.median(trace.prompt_lens))
-    context = int(np.median(trace.prompt_lens) + np.median(trace.output_lens) / 2)
-    return (unloaded_prefill_s(profile.latency, profile.buckets, prompt),
-            unloaded_decode_s(profile.latency, profile.buckets, context))
-
-
-def specs(slo: SLO, deployed: int, ablations: bool) -> list[PolicySpec]:
-    fb = FairBatchingConfig(ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s)
-    out = [PolicySpec("sarathi", token_budget=deployed, label=f"sarathi-deployed({deployed})")]
-    out += [PolicySpec("sarathi", token_budget=b, label=f"sarathi-{b}") for b in ORACLE_BUDGETS
-            if b != deployed]
-    out += [PolicySpec("vllm", token_budget=VLLM_BUDGET, label=f"vllm-{VLLM_BUDGET}"),
-            PolicySpec("fairbatching", fairbatching=fb, label="fairbatching")]
-    if ablations:
-        out += [
-            PolicySpec("fairbatching", token_budget=deployed, label="fb-no-adaptive-capacity",
-                       fairbatching=dataclasses.replace(fb, adaptive_capacity=False)),
-            PolicySpec("fairbatching", label="fb-no-fair-formation",
-                       fairbatching=dataclasses.replace(fb, fair_formation=False)),
-            PolicySpec("fairbatching", label="fb-anchor-arrival",
-                       fairbatching=dataclasses.replace(fb, anchor="arrival")),
-            PolicySpec("fairbatching", label="fb-no-stall-cap",
-                       fairbatching=dataclasses.replace(fb, max_decode_stall_tpots=None)),
-        ]
+def specs(setting: Setting) -> list[PolicySpec]:
+    """The protocol's rows, plus the stall-cap variants asked for, filtered by --only."""
+    out = policy_specs(setting, ablations=FLAGS.ablations)
+    fb = next(spec for spec in out if spec.name == "fairbatching").fairbatching
     for k in FLAGS.stall_caps:
         out.append(PolicySpec("fairbatching", label=f"fb-stall-{k}x",
                               fairbatching=dataclasses.replace(
                                   fb, max_decode_stall_tpots=float(k))))
     if FLAGS.only:
-        keep = set(FLAGS.only) | {f"sarathi-deployed({deployed})", "fairbatching"}
+        keep = set(FLAGS.only) | {out[0].name, "fairbatching"}
         out = [spec for spec in out if spec.name in keep]
     return out
 
@@ -101,23 +71,14 @@ def main(argv):
     profile = load_profile(FLAGS.profile)
     report = {"profile": profile.name, "duration_s": FLAGS.duration_s, "runs": []}
     for trace_name in FLAGS.traces:
-        # Mooncake's timestamps are quantized to ~3 s buckets; spread each bucket over
-        # its width as its README advises (else rate scaling keeps every burst intact).
-        jitter = {"jitter_s": 3.0} if trace_name.startswith("mooncake") else {}
-        trace = load_trace(trace_name, **jitter).sliced(0, FLAGS.duration_s)
-        ttft0, tpot0 = unloaded(profile, trace)
-        for setting in FLAGS.settings:
-            k_ttft, k_tpot = SETTINGS[setting]
-            slo = SLO(k_ttft * ttft0, k_tpot * tpot0, ttft_prefill_multiple=k_ttft)
-            context = int(np.percentile(trace.prompt_lens, 90))
-            deployed = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s,
-                                           context)
+        trace = protocol_trace(trace_name, FLAGS.duration_s)
+        for setting_name in FLAGS.settings:
+            setting = setting_for(setting_name, profile, trace)
+            slo, deployed = setting.slo, setting.deployed_budget
             print(f"\n== {trace_name} ({len(trace)} req, {trace.mean_rate:.2f} req/s), "
-                  f"{setting}: {slo.describe()} (unloaded TTFT {ttft0 * 1e3:.0f} ms, "
-                  f"TPOT {tpot0 * 1e3:.1f} ms); Sarathi deployed budget {deployed}",
-                  flush=True)
+                  f"{setting.describe()}", flush=True)
             caps = {}
-            for spec in specs(slo, deployed, FLAGS.ablations):
+            for spec in specs(setting):
                 start = time.perf_counter()
                 caps[spec.name] = capacity(trace, spec, profile, slo, tol=FLAGS.tol,
                                            lo=0.05, hi=1.0).rate_scale
@@ -127,7 +88,7 @@ def main(argv):
             ref_name = f"sarathi-deployed({deployed})"
             at = caps[ref_name] or 0.05
             rows = []
-            for spec in specs(slo, deployed, FLAGS.ablations):
+            for spec in specs(setting):
                 o = simulate(trace, spec, profile, slo, rate_scale=at)
                 s = o.summary
                 rows.append({"policy": spec.name, "capacity": caps[spec.name],
@@ -157,7 +118,7 @@ def main(argv):
                   f"deployed, {gain(fb_cap, caps[oracle])} vs oracle ({oracle})"
                   + (f", {gain(fb_cap, vllm)} vs vLLM" if vllm is not None else ""),
                   flush=True)
-            report["runs"].append({"trace": trace_name, "setting": setting,
+            report["runs"].append({"trace": trace_name, "setting": setting_name,
                                    "slo": dataclasses.asdict(slo), "deployed": deployed,
                                    "oracle": oracle, "rate_scale_compared": at, "rows": rows})
     if FLAGS.json:

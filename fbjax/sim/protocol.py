@@ -89,7 +89,8 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
                  ) -> list[PolicySpec]:
     """The rows every experiment compares: Sarathi as deployed (first), the Sarathi
     oracle's other budgets, vLLM-style chunked prefill, FairBatching, and its ablations
-    (without adaptive capacity, without fair formation, envelope anchored at arrival)."""
+    (without adaptive capacity, without fair formation, envelope anchored at arrival,
+    without the decode stall cap)."""
     slo, deployed = setting.slo, setting.deployed_budget
     fb = FairBatchingConfig(ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s)
     out = [PolicySpec("sarathi", token_budget=deployed, label=f"sarathi-deployed({deployed})")]
@@ -106,5 +107,7 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
                        fairbatching=dataclasses.replace(fb, fair_formation=False)),
             PolicySpec("fairbatching", label="fb-anchor-arrival",
                        fairbatching=dataclasses.replace(fb, anchor="arrival")),
+            PolicySpec("fairbatching", label="fb-no-stall-cap",
+                       fairbatching=dataclasses.replace(fb, max_decode_stall_tpots=None)),
         ]
     return out
