@@ -26,13 +26,13 @@ from fbjax.metrics import (
 )
 from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S, Dispatcher
 from fbjax.router.policy import ReplicaState, make_policy
-from fbjax.sched.base import Scheduler, StepPlan
+from fbjax.sched.base import Scheduler
 from fbjax.sched.latency import LatencyModel
 from fbjax.sched.request import Request
 from fbjax.sim.experiment import SLO, sim_requests
 from fbjax.sim.instance import PolicySpec, Profile, build_scheduler
 from fbjax.sim.simulator import (
-    PLACEHOLDER_TOKEN,
+    SimInstance,
     SimRequest,
     SimulationStalled,
     Simulator,
@@ -56,41 +56,6 @@ class ClusterResult:
         return counts
 
 
-class _Instance:
-    """One simulated instance: its scheduler, the step in flight and when it ends."""
-
-    def __init__(self, scheduler: Scheduler, executor: Simulator) -> None:
-        self.scheduler = scheduler
-        self.executor = executor
-        self.plan: StepPlan | None = None
-        self.busy_until = math.inf
-        self.steps: list[StepRecord] = []
-
-    def start_step(self, now: float) -> None:
-        scheduler = self.scheduler
-        if not scheduler.has_unfinished():
-            return
-        waiting_prefill = bool(scheduler.waiting) or any(
-            r.num_remaining > 1 for r in scheduler.running)
-        waiting_decode = any(r.num_remaining == 1 for r in scheduler.running)
-        plan = scheduler.schedule(now)
-        if plan.is_empty:
-            return
-        duration = self.executor.step_time(plan)
-        decode_tokens = sum(1 for c in plan.chunks if c.is_decode)
-        self.steps.append(StepRecord(now, duration, plan.bucket, plan.num_tokens - decode_tokens,
-                                     decode_tokens, waiting_prefill, waiting_decode,
-                                     len(plan.preempted)))
-        self.plan = plan
-        self.busy_until = now + duration
-
-    def finish_step(self) -> list[Request]:
-        plan, now = self.plan, self.busy_until
-        self.plan, self.busy_until = None, math.inf
-        sampled = {c.request.request_id: PLACEHOLDER_TOKEN for c in plan.chunks if c.completes}
-        return self.scheduler.on_step_done(plan, sampled, now)
-
-
 class ClusterSimulator:
     """Runs requests through ``routing`` over one scheduler per instance."""
 
@@ -108,7 +73,7 @@ class ClusterSimulator:
         if routing == "pab" and not all(hasattr(s, "load_estimate") for s in schedulers):
             raise ValueError("pab routing needs instances that publish a load estimate "
                              "(the fairbatching scheduler)")
-        self.instances = [_Instance(s, Simulator(s, latency, noise=noise, seed=seed + k))
+        self.instances = [SimInstance(s, Simulator(s, latency, noise=noise, seed=seed + k))
                           for k, s in enumerate(schedulers)]
         self.replicas = [ReplicaState(f"instance-{k}") for k in range(len(schedulers))]
         self.poll_interval_s = poll_interval_s
@@ -117,8 +82,7 @@ class ClusterSimulator:
         self._last_poll = -math.inf
 
     def run(self, arrivals: Sequence[SimRequest]) -> ClusterResult:
-        order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
-        requests = [Simulator._request(i, arrivals[i]) for i in order]
+        requests = self.instances[0].executor.requests_in_arrival_order(arrivals)
         position = {r.request_id: i for i, r in enumerate(requests)}
         instance_of = [-1] * len(requests)
         instances, replicas, dispatcher = self.instances, self.replicas, self.dispatcher

@@ -11,6 +11,7 @@ token timestamps.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -108,10 +109,10 @@ class Simulator:
         return seconds
 
     def run(self, arrivals: Sequence[SimRequest]) -> SimResult:
-        order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
-        requests = [self._request(i, arrivals[i]) for i in order]
+        requests = self.requests_in_arrival_order(arrivals)
         scheduler = self.scheduler
-        steps: list[StepRecord] = []
+        instance = SimInstance(scheduler, self)
+        steps = instance.steps
         now = 0.0
         nxt = 0
         finished = 0
@@ -122,33 +123,15 @@ class Simulator:
             if not scheduler.has_unfinished():
                 now = requests[nxt].arrival_time
                 continue
-            # Whether a prompt is waiting or partly done (a running num_remaining > 1) and
-            # whether a running request can decode (num_remaining == 1), in one pass.
-            waiting_prefill = bool(scheduler.waiting)
-            waiting_decode = False
-            for r in scheduler.running:
-                remaining = r.prompt_len + len(r.output_token_ids) - r.num_computed_tokens
-                if remaining == 1:
-                    waiting_decode = True
-                elif remaining > 1:
-                    waiting_prefill = True
-                if waiting_decode and waiting_prefill:
-                    break
-            plan = scheduler.schedule(now)
-            if plan.is_empty:
+            if not instance.start_step(now):
                 if nxt < len(requests):
                     now = requests[nxt].arrival_time
                     continue
                 raise SimulationStalled(
                     f"empty plan at t={now:.3f}s with {scheduler.num_running} running and "
                     f"{scheduler.num_waiting} waiting requests and no arrival left")
-            features, sampled = _features_and_samples(plan.chunks)
-            duration = self.step_time(plan, features)
-            steps.append(StepRecord(now, duration, plan.bucket,
-                                    features.prefill_tokens, features.num_decodes,
-                                    waiting_prefill, waiting_decode, len(plan.preempted)))
-            now += duration
-            finished += len(scheduler.on_step_done(plan, sampled, now))
+            now = instance.busy_until
+            finished += len(instance.finish_step())
             if len(steps) >= self.max_steps:
                 raise SimulationStalled(f"no end after {self.max_steps} steps")
             if self.on_progress is not None and len(steps) % 1000 == 0:
@@ -156,6 +139,10 @@ class Simulator:
         if self.on_progress is not None:
             self.on_progress(finished, len(requests))
         return SimResult(requests, steps, now)
+
+    def requests_in_arrival_order(self, arrivals: Sequence[SimRequest]) -> list[Request]:
+        order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
+        return [self._request(i, arrivals[i]) for i in order]
 
     @staticmethod
     def _request(index: int, spec: SimRequest) -> Request:
@@ -166,3 +153,50 @@ class Simulator:
                                                           ignore_eos=True),
                        spec.arrival_s, prompt_len=spec.prompt_len,
                        ttft_slo=spec.ttft_slo, tpot_slo=spec.tpot_slo)
+
+
+class SimInstance:
+    """One simulated instance's step mechanics: form a step at ``now`` (recording it),
+    then finish it at ``busy_until``. The single-instance simulator and the cluster
+    simulator (each of its instances) both step through this."""
+
+    def __init__(self, scheduler: Scheduler, executor: Simulator) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.plan: StepPlan | None = None
+        self.busy_until = math.inf
+        self.steps: list[StepRecord] = []
+        self._sampled: dict[str, int] = {}
+
+    def start_step(self, now: float) -> bool:
+        """Form and record the next step; False (nothing started) if the plan is empty."""
+        scheduler = self.scheduler
+        # Whether a prompt is waiting or partly done (a running num_remaining > 1) and
+        # whether a running request can decode (num_remaining == 1), in one pass.
+        waiting_prefill = bool(scheduler.waiting)
+        waiting_decode = False
+        for r in scheduler.running:
+            remaining = r.prompt_len + len(r.output_token_ids) - r.num_computed_tokens
+            if remaining == 1:
+                waiting_decode = True
+            elif remaining > 1:
+                waiting_prefill = True
+            if waiting_decode and waiting_prefill:
+                break
+        plan = scheduler.schedule(now)
+        if plan.is_empty:
+            return False
+        features, self._sampled = _features_and_samples(plan.chunks)
+        duration = self.executor.step_time(plan, features)
+        self.steps.append(StepRecord(now, duration, plan.bucket, features.prefill_tokens,
+                                     features.num_decodes, waiting_prefill, waiting_decode,
+                                     len(plan.preempted)))
+        self.plan = plan
+        self.busy_until = now + duration
+        return True
+
+    def finish_step(self) -> list[Request]:
+        """End the step in flight at ``busy_until``; returns the requests it finished."""
+        plan, now = self.plan, self.busy_until
+        self.plan, self.busy_until = None, math.inf
+        return self.scheduler.on_step_done(plan, self._sampled, now)
