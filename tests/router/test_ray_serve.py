@@ -20,7 +20,7 @@ from fbjax.serve.ray_app import REPLICA_HEADER, fbjax_application  # noqa: E402
 
 PORT = 18123
 MODEL = "tiny"
-POLICY = "sarathi"
+POLICY = "fairbatching"  # its load estimate is what the router ranks by
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def ray_serve():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     config = EngineConfig(buckets=BucketConfig((16, 64), (4,)), cache=CacheConfig(16, 256),
-                          max_model_len=512, show_progress=False,
+                          max_model_len=1024, show_progress=False,
                           scheduler=SchedulerConfig(policy=POLICY))
     serve.run(fbjax_application(config, ServerSettings(model_name=MODEL), 2,
                                 stats_period_s=0.1), route_prefix="/")
@@ -64,7 +64,7 @@ def test_router_avoids_the_busy_replica(ray_serve):
     started = threading.Event()
 
     def long_request():
-        busy["replica"], _ = stream(ray_serve, "a long one " * 6, 440, started)
+        busy["replica"], _ = stream(ray_serve, "a long one " * 6, 900, started)
 
     worker = threading.Thread(target=long_request)
     worker.start()
@@ -73,7 +73,7 @@ def test_router_avoids_the_busy_replica(ray_serve):
     served = []
     for i in range(3):
         served.append(stream(ray_serve, f"short {i}", 2)[0])
-        time.sleep(0.4)  # let the stats show the short one gone again
+        time.sleep(0.25)  # let the stats show the short one gone again
     still_running = worker.is_alive()
     worker.join(120)
     assert still_running, "the long request ended before the short ones were routed"
