@@ -23,18 +23,20 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fbjax.metrics import RequestMetrics, prefill_decode_share, summarize
 from fbjax.sched.base import StepPlan
 from fbjax.sched.fairbatching import FairBatchingConfig
-from fbjax.sched.latency import StepFeatures
+from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.request import SamplingParams
 from fbjax.sim.experiment import SLO, Outcome
 from fbjax.sim.instance import PolicySpec, Profile
 from fbjax.sim.simulator import SimResult, StepRecord
-from fbjax.traces import Trace, TraceRequest
+from fbjax.traces import Trace, TraceRequest, load_trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,3 +251,41 @@ def calibrate(engine, warm: Trace, slo: SLO, out_dir: str | None = None):
     path = Path(out_dir or tempfile.mkdtemp()) / engine.profile_path.name
     engine.save_profile(path)
     return path
+
+
+@dataclasses.dataclass
+class CalibratedSlice:
+    """What the engine benchmarks share: an engine, a trace slice fitted to its context,
+    and the engine's profile after online calibration, as a simulator profile."""
+
+    engine: Any
+    trace: Trace
+    scaling: LengthScaling
+    profile_path: Path
+    sim_profile: Profile
+
+
+def calibrated_slice(trace_name: str, start_s: float, duration_s: float,
+                     length_scale: str, calibrate_s: float, slo: SLO,
+                     profile: str | None = None) -> CalibratedSlice:
+    """A FairBatching engine and the slice ``[start_s, start_s + duration_s)`` of the
+    trace; with ``calibrate_s`` > 0 the preceding seconds run on the engine first, so
+    online refinement brings the profile to the machine's present speed."""
+    engine = build_engine("fairbatching", profile=profile, slo=slo)
+    base = engine_profile(engine)
+    full = load_trace(trace_name)
+    trace = full.sliced(start_s, start_s + duration_s)
+    scale = None if length_scale == "auto" else float(length_scale)
+    trace, scaling = fit_lengths(trace, engine.max_model_len, scale)
+    profile_path = engine.profile_path
+    if calibrate_s > 0:
+        warm = full.sliced(max(0.0, start_s - calibrate_s), start_s)
+        warm, _ = fit_lengths(warm, engine.max_model_len, scaling.factor)
+        profile_path = calibrate(engine, warm, slo)
+        print(f"calibrated the profile on {len(warm)} requests ({engine.latency.num_updates} "
+              f"steps, {engine.latency.num_outliers} outliers rejected); corrections "
+              f"{engine.latency.metadata['online_refinement']['corrections']}", flush=True)
+    calibrated = LatencyModel.load(profile_path)  # pristine copy for the simulator
+    sim_profile = Profile(base.name, calibrated, base.buckets, base.kv_capacity_tokens,
+                          base.page_size)
+    return CalibratedSlice(engine, trace, scaling, Path(profile_path), sim_profile)

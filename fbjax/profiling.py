@@ -46,6 +46,7 @@ from typing import Any
 
 from fbjax.config import CONFIGS_DIR, BucketConfig
 from fbjax.sched.latency import FEATURES, FORMAT, LatencyModel, StepFeatures
+from fbjax.sim.instance import resolve_profile
 
 PROFILES_DIR = CONFIGS_DIR / "profiles"
 BUILTIN_MODEL_KEY = "builtin-tiny"
@@ -127,19 +128,6 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """A path as given, or a name in configs/profiles (``cpu-builtin-tiny``)."""
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.exists():
-        return path
-    candidate = PROFILES_DIR / f"{name_or_path}.json"
-    if candidate.exists():
-        return candidate
-    known = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-    raise ProfileError(f"latency profile not found: {name_or_path} (give a path, or one of "
-                       f"{known})")
-
-
 # ----- checks -------------------------------------------------------------------------------
 
 def validate_engine_metadata(metadata: dict[str, Any], source: str) -> None:
@@ -203,7 +191,10 @@ def load_engine_profile(profile: str | Path | None, *, device: str, model: str,
                 f"`python -m fbjax.profile --out {_shown(path)}` "
                 "or give one with --profile (SchedulerConfig.profile)")
     else:
-        path = resolve_profile_path(profile)
+        try:
+            path = resolve_profile(profile)
+        except ValueError as e:
+            raise ProfileError(str(e)) from None
     try:
         latency = LatencyModel.load(path)
     except ValueError as e:

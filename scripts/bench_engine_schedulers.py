@@ -45,35 +45,19 @@ flags.DEFINE_string("json", None, "Write all figures here.")
 def main(argv):
     del argv
     from fbjax.engine_replay import (
-        build_engine,
-        calibrate,
+        calibrated_slice,
         engine_profile,
-        fit_lengths,
         replay_engine,
         scheduler_config,
         sim_policy_spec,
     )
-    from fbjax.sched.latency import LatencyModel
     from fbjax.sim.experiment import SLO, capacity, simulate
-    from fbjax.sim.instance import Profile
-    from fbjax.traces import load_trace
 
     slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3)
-    engine = build_engine("fairbatching", profile=FLAGS.profile, slo=slo)
-    base = engine_profile(engine)
-    full = load_trace(FLAGS.trace)
-    trace = full.sliced(FLAGS.start_s, FLAGS.start_s + FLAGS.duration_s)
-    scale = None if FLAGS.length_scale == "auto" else float(FLAGS.length_scale)
-    trace, scaling = fit_lengths(trace, engine.max_model_len, scale)
-    profile_path = engine.profile_path
-    if FLAGS.calibrate_s > 0:
-        warm = full.sliced(max(0.0, FLAGS.start_s - FLAGS.calibrate_s), FLAGS.start_s)
-        profile_path = calibrate(engine, fit_lengths(warm, engine.max_model_len,
-                                                     scaling.factor)[0], slo)
-        print(f"calibrated the profile online: corrections "
-              f"{engine.latency.metadata['online_refinement']['corrections']}", flush=True)
-    sim_profile = Profile(base.name, LatencyModel.load(profile_path), base.buckets,
-                          base.kv_capacity_tokens, base.page_size)
+    run = calibrated_slice(FLAGS.trace, FLAGS.start_s, FLAGS.duration_s, FLAGS.length_scale,
+                           FLAGS.calibrate_s, slo, FLAGS.profile)
+    engine, trace, scaling = run.engine, run.trace, run.scaling
+    profile_path, sim_profile = run.profile_path, run.sim_profile
     policies = ("sarathi", "fairbatching")
     configs = {p: dataclasses.replace(scheduler_config(engine, p, slo,
                                                        token_budget=FLAGS.sarathi_budget),
@@ -128,7 +112,7 @@ def main(argv):
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps({
             "trace": run_trace.name, "rate_scale": rate, "length_scaling": scaling.describe(),
-            "slo": slo.describe(), "profile": base.name, "calibrate_s": FLAGS.calibrate_s,
+            "slo": slo.describe(), "profile": sim_profile.name, "calibrate_s": FLAGS.calibrate_s,
             "results": figures},
             indent=1) + "\n")
 

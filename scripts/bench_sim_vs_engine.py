@@ -61,39 +61,23 @@ METRICS = (("TTFT p50", "ttft", 50), ("TTFT p99", "ttft", 99), ("TPOT p50", "tpo
 def main(argv):
     del argv
     from fbjax.engine_replay import (
-        build_engine,
-        calibrate,
+        calibrated_slice,
         engine_profile,
-        fit_lengths,
         relative_difference,
         replay_engine,
         scheduler_config,
         sim_policy_spec,
         step_time_summary,
     )
-    from fbjax.sched.latency import LatencyModel
     from fbjax.sim.experiment import SLO, capacity, simulate
     from fbjax.sim.instance import Profile
-    from fbjax.traces import load_trace
 
     slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3)
-    engine = build_engine("fairbatching", profile=FLAGS.profile, slo=slo)
-    base = engine_profile(engine)
-    full = load_trace(FLAGS.trace)
-    trace = full.sliced(FLAGS.start_s, FLAGS.start_s + FLAGS.duration_s)
-    scale = None if FLAGS.length_scale == "auto" else float(FLAGS.length_scale)
-    trace, scaling = fit_lengths(trace, engine.max_model_len, scale)
-    profile_path = engine.profile_path
-    if FLAGS.calibrate_s > 0:
-        warm = full.sliced(max(0.0, FLAGS.start_s - FLAGS.calibrate_s), FLAGS.start_s)
-        warm, _ = fit_lengths(warm, engine.max_model_len, scaling.factor)
-        profile_path = calibrate(engine, warm, slo)
-        print(f"calibrated the profile on {len(warm)} requests ({engine.latency.num_updates} "
-              f"steps, {engine.latency.num_outliers} outliers rejected); corrections "
-              f"{engine.latency.metadata['online_refinement']['corrections']}", flush=True)
-    calibrated = LatencyModel.load(profile_path)  # pristine copy for the simulator
-    sim_profile = Profile(base.name, calibrated, base.buckets, base.kv_capacity_tokens,
-                          base.page_size)
+    run = calibrated_slice(FLAGS.trace, FLAGS.start_s, FLAGS.duration_s, FLAGS.length_scale,
+                           FLAGS.calibrate_s, slo, FLAGS.profile)
+    engine, trace, scaling = run.engine, run.trace, run.scaling
+    profile_path, sim_profile = run.profile_path, run.sim_profile
+    base, calibrated = sim_profile, sim_profile.latency
 
     def spec_for(policy):
         cfg = dataclasses.replace(

@@ -32,14 +32,17 @@ class Profile:
 
 
 def resolve_profile(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
+    """A path as given (``~`` expanded), or a name in configs/profiles
+    (``a100-llama3-8b``, ``cpu-builtin-tiny``)."""
+    path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     candidate = PROFILES_DIR / f"{name_or_path}.json"
     if candidate.exists():
         return candidate
     known = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-    raise ValueError(f"profile not found: {name_or_path} (known profiles: {known})")
+    raise ValueError(f"latency profile not found: {name_or_path} (give a path, or one of "
+                     f"{known})")
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
