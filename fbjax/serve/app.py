@@ -452,24 +452,25 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/load")
     async def load():
-        def snapshot(engine: LLMEngine) -> dict[str, Any]:
-            sched = engine.scheduler
-            out: dict[str, Any] = {
-                "scheduler": engine.scheduler.name,
-                "num_running": sched.num_running, "num_waiting": sched.num_waiting,
-                "kv_free_pages": engine.kv.num_free_pages,
-                "kv_total_pages": engine.kv.num_pages,
-                "kv_usage": engine.kv.usage()}
-            estimate = getattr(sched, "load_estimate", None)
-            out["load_estimate"] = estimate(time.monotonic()) if callable(estimate) else None
-            return out
-
-        out = await state.loop.call(snapshot)
+        out = await state.loop.call(load_snapshot)
         out.update(num_queued=state.loop.num_queued, max_queue=settings.max_queue,
                    draining=state.draining)
         return out
 
     return app
+
+
+def load_snapshot(engine: LLMEngine) -> dict[str, Any]:
+    """The engine's load as ``GET /load`` and the Ray Serve routing stats report it: queue
+    and KV counts, and the scheduler's load estimate where it has one (FairBatching).
+    Run it on the engine thread (``EngineLoop.call``)."""
+    sched = engine.scheduler
+    estimate = getattr(sched, "load_estimate", None)
+    return {"scheduler": sched.name,
+            "num_running": sched.num_running, "num_waiting": sched.num_waiting,
+            "kv_free_pages": engine.kv.num_free_pages, "kv_total_pages": engine.kv.num_pages,
+            "kv_usage": engine.kv.usage(),
+            "load_estimate": estimate(time.monotonic()) if callable(estimate) else None}
 
 
 def _event(payload: Any) -> str:

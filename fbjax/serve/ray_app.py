@@ -16,7 +16,6 @@ Ray is an optional extra: ``pip install 'fbjax[ray]'``.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from ray import serve
@@ -30,7 +29,7 @@ from ray.serve.request_router import (
 
 from fbjax.config import EngineConfig
 from fbjax.router.policy import PrefillAdmissionBudget, ReplicaState, release_target
-from fbjax.serve.app import ServerSettings, ServerState, build_app
+from fbjax.serve.app import ServerSettings, ServerState, build_app, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +66,10 @@ class FbjaxReplica:
         if _STATE is None:
             return {}
 
-        def snapshot(engine) -> dict[str, Any]:
-            sched = engine.scheduler
-            estimate = getattr(sched, "load_estimate", None)
-            budget = (estimate(time.monotonic())["prefill_admission_budget"]
-                      if callable(estimate) else None)
-            return {"prefill_admission_budget": budget,
-                    "in_flight": sched.num_running + sched.num_waiting}
-
-        return await _STATE.loop.call(snapshot)
+        load = await _STATE.loop.call(load_snapshot)
+        estimate = load["load_estimate"] or {}
+        return {"prefill_admission_budget": estimate.get("prefill_admission_budget"),
+                "in_flight": load["num_running"] + load["num_waiting"]}
 
 
 def _asgi_builder(config: EngineConfig, settings: ServerSettings,
