@@ -20,6 +20,9 @@ flags.DEFINE_integer("max_num_batched_tokens", None, "Token budget per step "
                      "(default: the largest token bucket).")
 flags.DEFINE_integer("page_size", CacheConfig.page_size, "KV cache page size in tokens.")
 flags.DEFINE_integer("num_pages", CacheConfig.num_pages, "KV cache pages.")
+flags.DEFINE_bool("enable_prefix_caching", CacheConfig.enable_prefix_caching,
+                  "Reuse the KV pages of prompt prefixes seen before "
+                  "(--noenable_prefix_caching turns it off).")
 flags.DEFINE_integer("max_model_len", None, "Context limit (default: the model's).")
 flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the weights and KV heads "
                      "over (across hosts too, with --num_processes).")
@@ -50,7 +53,7 @@ def engine_config_from_flags() -> EngineConfig:
         buckets = BucketConfig(_ladder("token_buckets", FLAGS.token_buckets,
                                        default.token_buckets),
                                _ladder("seq_buckets", FLAGS.seq_buckets, default.seq_buckets))
-        cache = CacheConfig(FLAGS.page_size, FLAGS.num_pages)
+        cache = CacheConfig(FLAGS.page_size, FLAGS.num_pages, FLAGS.enable_prefix_caching)
     except ConfigError as e:
         raise ConfigError(f"bad bucket or cache flag: {e}") from None
     return EngineConfig(

@@ -77,7 +77,8 @@ def fit_lengths(trace: Trace, context: int, factor: float | None = None,
             prompt = context - 1 - output
         out.append(dataclasses.replace(r, prompt_len=prompt, output_len=output))
     name = trace.name if factor == 1.0 else f"{trace.name}~len x{factor:.3f}"
-    return Trace(name, out), LengthScaling(float(factor), context, clipped)
+    block = max(1, round(trace.hash_block_size * factor))  # hash blocks shrink alike
+    return Trace(name, out, block), LengthScaling(float(factor), context, clipped)
 
 
 def engine_profile(engine) -> Profile:
@@ -100,9 +101,22 @@ def sim_policy_spec(config, slo: SLO) -> PolicySpec:
                       max_seqs=s.max_num_seqs or config.buckets.max_seqs, fairbatching=fb)
 
 
-def _prompt(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
+def _prompt(rng: np.random.Generator, length: int, vocab: int,
+            hash_ids: tuple[int, ...] = (), block_size: int = 0) -> list[int]:
+    """Random tokens; where the trace gives block hashes (Mooncake), each block's tokens
+    are drawn from a generator seeded by its position and hash, so requests that share
+    a block prefix in the trace share those tokens here (and the prefix cache sees
+    the trace's reuse)."""
     lo = 32 if vocab > 160 else 0  # printable bytes for the built-in byte tokenizer
-    return rng.integers(lo, min(vocab, 127) if vocab > 160 else vocab, size=length).tolist()
+    hi = min(vocab, 127) if vocab > 160 else vocab
+    tokens: list[int] = []
+    for b, h in enumerate(hash_ids if block_size > 0 else ()):
+        if len(tokens) >= length:
+            break
+        block_rng = np.random.default_rng([b, h])
+        tokens.extend(block_rng.integers(lo, hi, size=block_size).tolist())
+    tokens = tokens[:length]
+    return tokens + rng.integers(lo, hi, size=length - len(tokens)).tolist()
 
 
 def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None, *,
@@ -139,7 +153,8 @@ def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None
 
     previous_observer = engine.step_observer
     engine.step_observer = observe
-    prompts = [_prompt(rng, r.prompt_len, vocab) for r in requests]
+    prompts = [_prompt(rng, r.prompt_len, vocab, r.hash_ids, trace.hash_block_size)
+               for r in requests]
     ids: list[str] = []
     slos: dict[str, tuple[float, float]] = {}
     skipped = 0
@@ -193,8 +208,9 @@ def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None
         (s.duration, s.prefill_tokens, s.decode_tokens, s.waiting_prefill, s.waiting_decode)
         for s in steps)
     name = policy or engine.config.scheduler.policy
+    hit_rate = scheduler.prefix_cache_hit_rate() if engine.kv.enable_prefix_caching else None
     return Outcome(name, 1.0, summary, records, share, SimResult([], steps, end - t0),
-                   skipped)
+                   skipped, hit_rate)
 
 
 def step_time_summary(steps: list[StepRecord]) -> dict[str, float]:
@@ -215,9 +231,10 @@ def relative_difference(a: float, b: float) -> float:
 def build_engine(policy: str = "vllm", *, model: str | None = None, profile: str | None = None,
                  force_profile: bool = False, token_budget: int | None = None,
                  slo: SLO | None = None, anchor: str = "first_token", num_pages: int = 1024,
-                 buckets=None, show_progress: bool = True):
+                 buckets=None, show_progress: bool = True, prefix_caching: bool = False):
     """An engine for replays: the given policy and profile, default buckets, a pool of
-    ``num_pages`` 16-token pages."""
+    ``num_pages`` 16-token pages (prefix caching off unless asked: replays compare with
+    simulator runs that have it off)."""
     from fbjax.config import BucketConfig, CacheConfig, EngineConfig, SchedulerConfig
     from fbjax.engine.engine import LLMEngine
 
@@ -226,7 +243,9 @@ def build_engine(policy: str = "vllm", *, model: str | None = None, profile: str
                             profile=profile, force_profile=force_profile,
                             ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s, anchor=anchor)
     return LLMEngine(EngineConfig(model=model, buckets=buckets or BucketConfig(),
-                                  cache=CacheConfig(num_pages=num_pages), scheduler=sched,
+                                  cache=CacheConfig(num_pages=num_pages,
+                                                    enable_prefix_caching=prefix_caching),
+                                  scheduler=sched,
                                   show_progress=show_progress))
 
 

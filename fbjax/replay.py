@@ -56,6 +56,10 @@ flags.DEFINE_enum("anchor", "first_token", list(ANCHORS), "FairBatching envelope
 flags.DEFINE_float("max_decode_stall_ms", None, "FairBatching: cap on skipped-decode stalls.")
 flags.DEFINE_float("noise", 0.0, "Multiplicative step-time noise (std of a N(1, noise)).")
 flags.DEFINE_integer("seed", 0, "Seed for noise and jitter.")
+flags.DEFINE_bool("prefix_caching", False, "Reuse cached prompt prefixes (simulator: "
+                  "from the trace's block hashes, Mooncake hash_ids; --engine: the tokens, "
+                  "built to share those blocks); the report adds the hit rate. Off by "
+                  "default, as in the paper's protocol.")
 flags.DEFINE_bool("capacity", False, "Also search each policy's capacity (99% attainment).")
 flags.DEFINE_string("plot", None, "Write TTFT/TPOT CDF plots to this PNG.")
 flags.DEFINE_string("json", None, "Write all figures to this JSON file.")
@@ -74,15 +78,16 @@ flags.mark_flag_as_required("trace")
 
 
 def policy_specs(names: list[str], budget: int, anchor: str,
-                 stall_s: float | None, slo: SLO) -> list[PolicySpec]:
+                 stall_s: float | None, slo: SLO, prefix_caching: bool = False
+                 ) -> list[PolicySpec]:
     specs = []
     for name in names:
         if name in ("sarathi", "vllm"):
-            specs.append(PolicySpec(name, token_budget=budget))
+            specs.append(PolicySpec(name, token_budget=budget, prefix_caching=prefix_caching))
         elif name == "fairbatching":
             specs.append(PolicySpec(name, fairbatching=FairBatchingConfig(
                 ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s, anchor=anchor,
-                max_decode_stall_s=stall_s)))
+                max_decode_stall_s=stall_s), prefix_caching=prefix_caching))
         else:
             raise ValueError(f"--scheduler: unknown policy {name!r} "
                              "(choose vllm, sarathi, fairbatching)")
@@ -90,8 +95,10 @@ def policy_specs(names: list[str], budget: int, anchor: str,
 
 
 def comparison_table(outcomes: list[Outcome], capacities: dict[str, float]) -> str:
+    hits = any(o.prefix_cache_hit_rate is not None for o in outcomes)
     head = ("| policy | P50 TTFT ms | P99 TTFT ms | P50 TPOT ms | P99 TPOT ms | SLO attain "
             "| TPOT attain | envelope attain | prefill share | max stall ms |"
+            + (" prefix hit rate |" if hits else "")
             + (" capacity (rate scale) |" if capacities else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for o in outcomes:
@@ -100,6 +107,9 @@ def comparison_table(outcomes: list[Outcome], capacities: dict[str, float]) -> s
                f"| {s.tpot.p(99):.1f} | {s.slo_attainment:.3f} | {s.tpot_attainment:.3f} "
                f"| {s.envelope_attainment:.3f} | {o.share.prefill_share:.2f} "
                f"| {s.max_tbt_stall_ms:.0f} |")
+        if hits:
+            rate = o.prefix_cache_hit_rate
+            row += " - |" if rate is None else f" {rate:.3f} |"
         if capacities:
             row += f" {capacities.get(o.policy, float('nan')):.3f} |"
         lines.append(row)
@@ -170,7 +180,8 @@ def engine_main(trace) -> int:
         engine = build_engine("fairbatching", model=FLAGS.model, profile=profile_arg,
                               buckets=buckets,
                               force_profile=FLAGS.force_profile, slo=slo,
-                              anchor=FLAGS.anchor, num_pages=FLAGS.num_pages)
+                              anchor=FLAGS.anchor, num_pages=FLAGS.num_pages,
+                              prefix_caching=FLAGS.prefix_caching)
     except ProfileError as e:
         raise ValueError(str(e)) from None
     trace = trace.scaled(FLAGS.rate_scale) if FLAGS.rate_scale != 1.0 else trace
@@ -220,6 +231,7 @@ def engine_main(trace) -> int:
             "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "sarathi_budget": budget,
             "results": {o.policy: {**o.summary.to_dict(), "prefill_share": o.share.prefill_share,
                                    "skipped": o.num_skipped,
+                                   "prefix_cache_hit_rate": o.prefix_cache_hit_rate,
                                    "steps": step_time_summary(o.result.steps)}
                         for o in outcomes},
         }, indent=1) + "\n")
@@ -250,7 +262,8 @@ def main(argv: list[str]) -> int:
                 raise ValueError("--sarathi_budget must be an integer or 'deployed', got "
                                  f"{FLAGS.sarathi_budget!r}") from None
         stall = None if FLAGS.max_decode_stall_ms is None else FLAGS.max_decode_stall_ms / 1e3
-        specs = policy_specs(FLAGS.scheduler, budget, FLAGS.anchor, stall, slo)
+        specs = policy_specs(FLAGS.scheduler, budget, FLAGS.anchor, stall, slo,
+                             FLAGS.prefix_caching)
     except (TraceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -289,7 +302,9 @@ def main(argv: list[str]) -> int:
             "profile": profile.name, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
             "sarathi_budget": budget,
             "results": {o.policy: {**o.summary.to_dict(), "prefill_share": o.share.prefill_share,
-                                   "skipped": o.num_skipped} for o in outcomes},
+                                   "skipped": o.num_skipped,
+                                   "prefix_cache_hit_rate": o.prefix_cache_hit_rate}
+                        for o in outcomes},
             "capacity_rate_scale": capacities,
         }, indent=1) + "\n")
         print(f"figures written to {FLAGS.json}")

@@ -69,10 +69,12 @@ class TraceRequest:
 
 @dataclasses.dataclass
 class Trace:
-    """A named list of requests sorted by arrival time (stable: ties keep file order)."""
+    """A named list of requests sorted by arrival time (stable: ties keep file order).
+    ``hash_block_size``: tokens per block of the requests' ``hash_ids``."""
 
     name: str
     requests: list[TraceRequest]
+    hash_block_size: int = MOONCAKE_BLOCK_SIZE
 
     def __post_init__(self) -> None:
         self.requests = sorted(self.requests, key=lambda r: r.arrival_s)
@@ -119,7 +121,7 @@ class Trace:
             raise ValueError(f"rate_scale must be a positive finite number, got {rate_scale!r}")
         reqs = [dataclasses.replace(r, arrival_s=r.arrival_s / rate_scale)
                 for r in self.requests]
-        return Trace(f"{self.name}@x{rate_scale:g}", reqs)
+        return Trace(f"{self.name}@x{rate_scale:g}", reqs, self.hash_block_size)
 
     def sliced(self, start_s: float, end_s: float | None = None) -> Trace:
         """Requests arriving in ``[start_s, end_s)``, with times re-based so start_s is 0."""
@@ -128,13 +130,13 @@ class Trace:
         reqs = [dataclasses.replace(r, arrival_s=r.arrival_s - start_s) for r in self.requests
                 if r.arrival_s >= start_s and (end_s is None or r.arrival_s < end_s)]
         end = "" if end_s is None else f"{end_s:g}"
-        return Trace(f"{self.name}[{start_s:g}:{end}]", reqs)
+        return Trace(f"{self.name}[{start_s:g}:{end}]", reqs, self.hash_block_size)
 
     def head(self, n: int) -> Trace:
         """The first ``n`` requests by arrival."""
         if n < 0:
             raise ValueError(f"head(n) needs n >= 0, got {n}")
-        return Trace(f"{self.name}[:{n}]", self.requests[:n])
+        return Trace(f"{self.name}[:{n}]", self.requests[:n], self.hash_block_size)
 
     def to_requests(self, *, ttft_slo: float | None = None, tpot_slo: float | None = None,
                     id_prefix: str = "") -> list[Any]:
@@ -482,6 +484,30 @@ def resolve_trace_path(path_or_name: str | Path) -> Path:
                          f"trace name in {d}; available: {listing}")
     raise TraceError(f"trace file not found: {p}")
 
+
+
+def prefix_reuse(trace: Trace, page_size: int) -> float:
+    """Share of prompt tokens an unbounded prefix cache would supply, from ``hash_ids``
+    alone: each request, in arrival order, reuses the longest run of its leading blocks
+    that earlier prompts covered (in full pages of ``page_size``), never its own last
+    token (whose logits must be computed). 0.0 for a trace without block hashes."""
+    block = trace.hash_block_size
+    covered: dict[tuple[int, int], int] = {}  # (position, id) -> tokens cached in it
+    hits = total = 0
+    for r in trace:
+        found = 0
+        for b, h in enumerate(r.hash_ids):
+            mine = min(block, r.prompt_len - b * block)
+            take = min(covered.get((b, h), 0), mine)
+            found += take
+            if take < mine:
+                break
+        hits += min(found, (r.prompt_len - 1) // page_size * page_size)
+        total += r.prompt_len
+        for b, h in enumerate(r.hash_ids):
+            full = max(0, min(block, r.prompt_len - b * block)) // page_size * page_size
+            covered[(b, h)] = max(covered.get((b, h), 0), full)
+    return hits / total if total else 0.0
 
 def load_trace(path_or_name: str | Path, **kw: Any) -> Trace:
     """Load a trace by path or bare name, dispatching on suffix and header.

@@ -60,6 +60,7 @@ class CompletionOutput:
     token_times: list[float]
     finish_time: float | None
     num_preemptions: int
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class LLMEngine:
@@ -73,7 +74,8 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.kv = KVCacheManager(config.cache.num_pages, config.cache.page_size)
+        self.kv = KVCacheManager(config.cache.num_pages, config.cache.page_size,
+                                 config.cache.enable_prefix_caching)
         sched = config.scheduler
         self.use_scheduler(sched)  # before compiling: a bad profile fails fast
         self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
@@ -95,9 +97,11 @@ class LLMEngine:
     def use_scheduler(self, sched: SchedulerConfig) -> None:
         """Build the scheduler ``sched`` names (on an idle engine: replays compare policies
         without recompiling). The latency profile (FairBatching needs one; any policy may
-        refine one) is checked against this device, model and bucket set."""
+        refine one) is checked against this device, model and bucket set. The prefix
+        cache starts cold, so policies compared on one engine start alike."""
         if getattr(self, "scheduler", None) is not None and self.scheduler.has_unfinished():
             raise RuntimeError("cannot change the scheduler with requests in flight")
+        self.kv.reset_prefix_cache()
         config = self.config = dataclasses.replace(self.config, scheduler=sched)
         self.latency: LatencyModel | None = None
         self.profile_path: Path | None = None
@@ -239,7 +243,11 @@ class LLMEngine:
         return CompletionOutput(
             request_id, request.token_ids[:request.prompt_len], list(request.output_token_ids),
             text, request.status.value, request.arrival_time, list(request.token_times),
-            request.finish_time, request.num_preemptions)
+            request.finish_time, request.num_preemptions, request.num_cached_tokens)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache's contents (requests in flight keep their pages)."""
+        self.kv.reset_prefix_cache()
 
     # ----- offline API ------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]],

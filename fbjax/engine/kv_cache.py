@@ -43,6 +43,39 @@ def token_page_keys(token_ids: Sequence[int], page_size: int, start_page: int = 
     return keys
 
 
+class BlockPageKeys(Sequence):
+    """Page keys of a prompt known only by its trace's block hashes (Mooncake
+    ``hash_ids``: block ``b`` of ``block_size`` tokens has an id that names the whole
+    prefix up to it). Page ``j`` lies in block ``j * page_size // block_size``; its key
+    is (block position, block id, page within the block), so two prompts share a page
+    key exactly when they share that block's prefix. Computed on demand: a long prompt
+    has hundreds of pages and the simulator looks at few of them per step.
+
+    The prompt's pages are full pages of its ``prompt_len`` tokens; a partial last
+    block only covers the pages it fills.
+    """
+
+    def __init__(self, hash_ids: Sequence[int], block_size: int, page_size: int,
+                 prompt_len: int) -> None:
+        if block_size % page_size:
+            raise ValueError(f"hash block size {block_size} is not a multiple of the page "
+                             f"size {page_size}")
+        self.hash_ids = tuple(hash_ids)
+        self.pages_per_block = block_size // page_size
+        self._len = min(prompt_len // page_size, len(self.hash_ids) * self.pages_per_block)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(self._len))]
+        if not -self._len <= j < self._len:
+            raise IndexError(j)
+        block, offset = divmod(j % self._len, self.pages_per_block)
+        return (block, self.hash_ids[block], offset)
+
+
 class KVCacheManager:
     """Free list of ``num_pages`` pages of ``page_size`` tokens and per-sequence tables."""
 
@@ -60,8 +93,7 @@ class KVCacheManager:
         self._page_of: dict[Hashable, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but keyed, LRU first
         self._registered: dict[Hashable, int] = {}  # pages of each sequence published
-        self.prefix_queries = 0  # pages looked up by acquire_prefix
-        self.prefix_hits = 0  # of which found
+        self.num_evictions = 0  # cached pages reused for other content
 
     @property
     def num_free_pages(self) -> int:
@@ -79,10 +111,6 @@ class KVCacheManager:
     def usage(self) -> float:
         """Share of pages in use, 0..1 (evictable cached pages count as free)."""
         return 1.0 - self.num_free_pages / self.num_pages
-
-    def prefix_hit_rate(self) -> float:
-        """Share of the pages looked up that were found in the cache."""
-        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -114,7 +142,18 @@ class KVCacheManager:
             return self._free.popleft()
         page, _ = self._evictable.popitem(last=False)  # least recently used
         del self._page_of[self._key_of.pop(page)]
+        self.num_evictions += 1
         return page
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every published page (benchmarks compare cold and warm runs on one
+        engine). Pages in use stay with their sequences, unpublished; cached pages
+        nobody holds become plain free pages."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._key_of.clear()
+        self._page_of.clear()
+        self._registered = dict.fromkeys(self._registered, 0)
 
     def free(self, seq_id: Hashable) -> int:
         """Release all of ``seq_id``'s pages; freeing an unknown id is a no-op. Published
@@ -140,22 +179,33 @@ class KVCacheManager:
         prefix, at most ``max_tokens`` tokens of it; returns the tokens covered."""
         if not self.enable_prefix_caching or seq_id in self._tables:
             return 0
-        limit = min(len(page_keys), max_tokens // self.page_size)
+        page_of, refs = self._page_of, self._refs
         table = []
-        for key in page_keys[:limit]:
-            page = self._page_of.get(key)
+        for j in range(min(len(page_keys), max_tokens // self.page_size)):
+            page = page_of.get(page_keys[j])
             if page is None:
                 break
-            if self._refs[page] == 0:
+            if refs[page] == 0:
                 del self._evictable[page]
-            self._refs[page] += 1
+            refs[page] += 1
             table.append(page)
-        self.prefix_queries += limit
-        self.prefix_hits += len(table)
         if table:
             self._tables[seq_id] = table
             self._registered[seq_id] = len(table)
         return len(table) * self.page_size
+
+    def cached_prefix_tokens(self, page_keys: Sequence[Hashable], max_tokens: int) -> int:
+        """What ``acquire_prefix`` would cover now, without taking anything (a load
+        estimate's look at queued prompts)."""
+        if not self.enable_prefix_caching:
+            return 0
+        page_of = self._page_of
+        found = 0
+        for j in range(min(len(page_keys), max_tokens // self.page_size)):
+            if page_keys[j] not in page_of:
+                break
+            found += 1
+        return found * self.page_size
 
     def register_pages(self, seq_id: Hashable, page_keys: Sequence[Hashable],
                        num_computed_tokens: int) -> None:

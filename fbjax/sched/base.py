@@ -10,6 +10,13 @@ way: a chunk is scheduled only once its pages are allocated; when they cannot be
 the policy preempts (frees the victim's pages and requeues it at the front of the
 waiting queue for recompute). Preemption always makes room or removes the requester
 itself, so a full pool never stalls the engine.
+
+Prefix caching (when the KV manager has it on) lives here too: a waiting request about
+to be weighed for admission first takes the cached pages of its longest known prefix
+(``take_cached_prefix``), which advances its ``num_computed_tokens``, so every policy's
+chunk sizes, time budgets and KV checks see only the prefill that is really left; if it
+is not admitted after all it gives them back (``return_cached_prefix``). Pages are
+published as soon as a step has filled them (``on_step_done``).
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from collections import deque
 from collections.abc import Callable
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.engine.kv_cache import KVCacheManager, token_page_keys
 from fbjax.sched.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
+_WAITING = RequestStatus.WAITING
 
 
 @dataclasses.dataclass(slots=True, init=False)
@@ -122,6 +130,9 @@ class Scheduler(abc.ABC):
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.pick_bucket = bucket_picker(limits.buckets)
+        # Prefix cache: tokens to compute at admissions, and of those found cached.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # ----- queue management -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -132,6 +143,8 @@ class Scheduler(abc.ABC):
                 f"request {request.request_id!r} needs up to "
                 f"{request.prompt_len + request.sampling.max_tokens} tokens of KV cache but the "
                 f"pool holds {self.kv.capacity_tokens}")
+        if self.kv.enable_prefix_caching and request.page_keys is None and request.token_ids:
+            request.page_keys = token_page_keys(request.token_ids, self.kv.page_size)
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self._waiting_added(request)
@@ -182,12 +195,16 @@ class Scheduler(abc.ABC):
         """Record the step: advance computed counts, append sampled tokens, finish
         requests on EOS / stop ids / max_tokens. Returns the requests that finished."""
         finished = []
+        caching = self.kv.enable_prefix_caching
+        page_size = self.kv.page_size
         for chunk in plan.chunks:
             request = chunk.request
             status = request.status
             if status is not _RUNNING and status.finished:  # aborted while the step ran
                 continue
-            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            request.num_computed_tokens = computed = chunk.start + chunk.num_tokens
+            if caching and computed // page_size > chunk.start // page_size:
+                self._publish_pages(request, computed)
             if not chunk.completes:
                 continue
             status = request.add_output(sampled[request.request_id], now)
@@ -195,6 +212,55 @@ class Scheduler(abc.ABC):
                 self.finish_request(request, status, now)
                 finished.append(request)
         return finished
+
+    # ----- prefix caching -----------------------------------------------------------
+    def take_cached_prefix(self, request: Request) -> int:
+        """Give a waiting request that holds no pages the cached pages of its longest
+        published prefix (never its last token: that one's logits are needed) and count
+        them as computed; returns the tokens covered."""
+        if (request.num_computed_tokens or request.page_keys is None
+                or not self.kv.enable_prefix_caching):
+            return 0
+        hit = self.kv.acquire_prefix(request.request_id, request.page_keys,
+                                     request.num_tokens - 1)
+        request.num_computed_tokens = hit
+        return hit
+
+    def return_cached_prefix(self, request: Request) -> None:
+        """Undo ``take_cached_prefix`` for a request that stays waiting: holding pages
+        while queued would pin them (the cache may also hold more by its turn)."""
+        if request.status is _WAITING and request.num_computed_tokens:
+            self.kv.free(request.request_id)
+            request.num_computed_tokens = 0
+
+    def remaining_after_cache(self, request: Request) -> int:
+        """Tokens ``request`` still has to compute, less what the cache would supply
+        now if it were admitted (a look only: a load estimate's view of the queue)."""
+        remaining = request.num_remaining
+        if request.num_computed_tokens or request.page_keys is None:
+            return remaining
+        return remaining - self.kv.cached_prefix_tokens(request.page_keys,
+                                                        request.num_tokens - 1)
+
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of the tokens admitted requests had to compute that the cache supplied."""
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens \
+            else 0.0
+
+    def _publish_pages(self, request: Request, computed: int) -> None:
+        """Publish ``request``'s pages that ``computed`` tokens fill; in the engine, the
+        keys grow over generated tokens too (a follow-up turn reuses the answer)."""
+        keys = request.page_keys
+        if keys is None:
+            return
+        page_size = self.kv.page_size
+        full = computed // page_size
+        if len(keys) < full and len(request.token_ids) >= full * page_size \
+                and isinstance(keys, list):
+            keys.extend(token_page_keys(request.token_ids[:full * page_size], page_size,
+                                        start_page=len(keys),
+                                        previous=keys[-1] if keys else None))
+        self.kv.register_pages(request.request_id, keys, computed)
 
     # ----- helpers for policies ---------------------------------------------------
     def make_plan(self, chunks: list[ScheduledChunk], preempted: list[Request],
@@ -221,8 +287,10 @@ class Scheduler(abc.ABC):
         # Each pass admits the head of the queue or stops, so the head is the next one.
         while waiting and budget > 0 and len(chunks) < max_seqs:
             request = waiting[0]
+            self.take_cached_prefix(request)
             num = min(request.num_remaining, budget)
             if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):
+                self.return_cached_prefix(request)
                 break
             self.admit(request, now)
             chunks.append(ScheduledChunk(request, num, request.num_computed_tokens))
@@ -240,6 +308,10 @@ class Scheduler(abc.ABC):
         request.status = RequestStatus.RUNNING
         if request.first_scheduled_time is None:
             request.first_scheduled_time = now
+            request.num_cached_tokens = request.num_computed_tokens
+        if self.kv.enable_prefix_caching:  # every admission, recomputes too
+            self.prefix_query_tokens += request.num_tokens
+            self.prefix_hit_tokens += request.num_computed_tokens
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int,
                              preempted: list[Request]) -> bool:

@@ -342,6 +342,7 @@ class FairBatchingScheduler(Scheduler):
                     break
                 if item is None:
                     r = requests[head[2]]
+                    self.take_cached_prefix(r)  # weigh only the prefill really left
                 else:
                     r = item[2]
                     if r.status is not running:  # preempted earlier in this step
@@ -350,10 +351,12 @@ class FairBatchingScheduler(Scheduler):
                                           (prefill, decodes, tokens, seqs, attn_qk, kv_read,
                                            max_kv))
                 if num == 0:
+                    self.return_cached_prefix(r)
                     break  # the earliest prefill left does not fit: later ones wait
                 start = r.num_computed_tokens
                 if item is None:
                     if not kv.ensure(r.request_id, start + num):
+                        self.return_cached_prefix(r)
                         admitting = False
                         continue
                     self.admit(r, now)
@@ -495,11 +498,17 @@ class FairBatchingScheduler(Scheduler):
         in a step that preempted."""
         candidates = sorted(self.running + list(self.waiting), key=self.due)
         for request in candidates:
+            waiting = request.status is RequestStatus.WAITING
+            if waiting:
+                if preempted:
+                    continue
+                self.take_cached_prefix(request)
             num = 1 if request.num_remaining == 1 else min(
                 request.num_remaining, self.config.chunk_align, self.limits.max_num_batched_tokens)
             start = request.num_computed_tokens
-            if request.status is RequestStatus.WAITING:
-                if preempted or not self.kv.ensure(request.request_id, start + num):
+            if waiting:
+                if not self.kv.ensure(request.request_id, start + num):
+                    self.return_cached_prefix(request)
                     continue
                 self.admit(request, now)
             elif not self._allocate_or_preempt(request, num, preempted):
@@ -533,7 +542,7 @@ class FairBatchingScheduler(Scheduler):
         full_bucket = self.limits.buckets.pick(full_tokens, 1)
         prefill_rate = full_tokens / self.latency.predict(full_bucket, full)
         queued = sum(r.num_remaining for r in self.running if r.num_remaining > 1)
-        queued += sum(r.num_remaining for r in self.waiting)
+        queued += sum(self.remaining_after_cache(r) for r in self.waiting)
         capacity = (horizon - decode_time) * prefill_rate
         return {"prefill_admission_budget": capacity - queued, "horizon_s": horizon,
                 "decode_time_s": decode_time, "queued_prefill_tokens": float(queued),

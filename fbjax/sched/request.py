@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Hashable, Sequence
 
 
 class RequestStatus(enum.Enum):
@@ -92,6 +93,11 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
+        # Prefix caching: keys of the request's full KV pages (set by the scheduler from
+        # the tokens, or by the simulator from a trace's block hashes), and how many
+        # prompt tokens the cache supplied when the request was first admitted.
+        self.page_keys: Sequence[Hashable] | None = None
+        self.num_cached_tokens = 0
 
     @property
     def num_tokens(self) -> int:

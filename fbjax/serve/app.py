@@ -113,6 +113,7 @@ class Generation:
         self.include_usage = False  # stream_options.include_usage
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.cached_tokens = 0  # the most any choice found in the prefix cache
         self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self._added: list[str] = []
 
@@ -156,10 +157,12 @@ class Generation:
             self.final_texts[i] = ev.final.text
             self.finish_reasons[i] = ev.final.finish_reason
             self.completion_tokens += len(ev.final.token_ids)
+            self.cached_tokens = max(self.cached_tokens, ev.final.num_cached_tokens)
             yield i, delta, ev.final.finish_reason
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.completion_tokens)
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens,
+                     min(self.cached_tokens, self.prompt_tokens))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -470,6 +473,7 @@ def load_snapshot(engine: LLMEngine) -> dict[str, Any]:
             "num_running": sched.num_running, "num_waiting": sched.num_waiting,
             "kv_free_pages": engine.kv.num_free_pages, "kv_total_pages": engine.kv.num_pages,
             "kv_usage": engine.kv.usage(),
+            "prefix_cache_hit_rate": sched.prefix_cache_hit_rate(),
             "load_estimate": estimate(time.monotonic()) if callable(estimate) else None}
 
 

@@ -223,3 +223,5 @@ class EngineLoop:
             sched = self.engine.scheduler
             self.metrics.observe_state(sched.num_running, sched.num_waiting,
                                        self.engine.kv.num_free_pages)
+            self.metrics.observe_prefix_cache(sched.prefix_query_tokens,
+                                              sched.prefix_hit_tokens)

@@ -63,6 +63,14 @@ class ServerMetrics:
         self.kv_total.set(num_pages)
         self.kv_free.set(num_pages)
         self.preemptions = Counter("fbjax_preemptions", "Requests preempted", registry=r)
+        self.prefix_queries = Counter("fbjax_prefix_cache_queries", "Tokens admitted "
+                                      "requests had to compute (looked up in the prefix "
+                                      "cache)", registry=r)
+        self.prefix_hits = Counter("fbjax_prefix_cache_hits", "Of those, tokens found in "
+                                   "the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge("fbjax_prefix_cache_hit_rate", "prefix_cache_hits / "
+                                     "prefix_cache_queries since start", registry=r)
+        self._prefix_seen = (0, 0)
         self.step_time = Histogram("fbjax_step_duration_seconds", "Engine step time by bucket",
                                    ["bucket"], buckets=STEP_BUCKETS, registry=r)
         self.phase_time = Counter("fbjax_step_time_seconds", "Step time split between prefill "
@@ -96,6 +104,17 @@ class ServerMetrics:
         self.waiting.set(waiting)
         self.kv_free.set(free_pages)
         self.kv_usage.set(1.0 - free_pages / self.num_pages)
+
+    def observe_prefix_cache(self, queries: int, hits: int) -> None:
+        """The scheduler's running totals (token counts) -> counters and the hit rate."""
+        seen_queries, seen_hits = self._prefix_seen
+        if queries > seen_queries:
+            self.prefix_queries.inc(queries - seen_queries)
+        if hits > seen_hits:
+            self.prefix_hits.inc(hits - seen_hits)
+        self._prefix_seen = (max(queries, seen_queries), max(hits, seen_hits))
+        if queries:
+            self.prefix_hit_rate.set(hits / queries)
 
     def observe_finished(self, out: CompletionOutput) -> None:
         self.requests.labels(out.finish_reason).inc()

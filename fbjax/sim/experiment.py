@@ -59,6 +59,7 @@ class Outcome:
     share: PrefillDecodeShare
     result: SimResult
     num_skipped: int  # requests that could never fit the instance's KV pool
+    prefix_cache_hit_rate: float | None = None  # with prefix caching: tokens found / looked up
 
 
 def sim_requests(trace: Trace, slo: SLO, profile: Profile) -> tuple[list[SimRequest], int]:
@@ -71,7 +72,8 @@ def sim_requests(trace: Trace, slo: SLO, profile: Profile) -> tuple[list[SimRequ
             skipped += 1
             continue
         out.append(SimRequest(r.arrival_s, r.prompt_len, output,
-                              slo.ttft_for(r.prompt_len, profile), slo.tpot_s))
+                              slo.ttft_for(r.prompt_len, profile), slo.tpot_s,
+                              r.hash_ids, trace.hash_block_size))
     return out, skipped
 
 
@@ -91,7 +93,8 @@ def simulate(trace: Trace, spec: PolicySpec, profile: Profile, slo: SLO, *,
     share = prefill_decode_share(
         (s.duration, s.prefill_tokens, s.decode_tokens, s.waiting_prefill, s.waiting_decode)
         for s in result.steps)
-    return Outcome(spec.name, rate_scale, summary, records, share, result, skipped)
+    hit_rate = scheduler.prefix_cache_hit_rate() if spec.prefix_caching else None
+    return Outcome(spec.name, rate_scale, summary, records, share, result, skipped, hit_rate)
 
 
 def capacity(trace: Trace, spec: PolicySpec, profile: Profile, slo: SLO, *,

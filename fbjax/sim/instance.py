@@ -115,21 +115,21 @@ class PolicySpec:
     max_seqs: int | None = None
     fairbatching: FairBatchingConfig | None = None
     label: str | None = None
+    prefix_caching: bool = False  # the instance reuses cached prompt prefixes
 
     @property
     def name(self) -> str:
-        if self.label:
-            return self.label
-        if self.token_budget:
-            return f"{self.policy}-{self.token_budget}"
-        return self.policy
+        name = self.label or (f"{self.policy}-{self.token_budget}" if self.token_budget
+                              else self.policy)
+        return f"{name}+prefix-cache" if self.prefix_caching else name
 
 
 def build_scheduler(spec: PolicySpec, profile: Profile,
                     kv_capacity_tokens: int | None = None) -> Scheduler:
     """A fresh scheduler with its own KV pool, as one instance would have."""
     capacity = kv_capacity_tokens or profile.kv_capacity_tokens
-    kv = KVCacheManager(max(1, capacity // profile.page_size), profile.page_size)
+    kv = KVCacheManager(max(1, capacity // profile.page_size), profile.page_size,
+                        spec.prefix_caching)
     if spec.policy == "sarathi":
         budget = spec.token_budget or DEFAULT_CHUNK_SIZE
         limits = StepLimits.from_buckets(profile.buckets, budget,

@@ -15,6 +15,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
+from fbjax.engine.kv_cache import BlockPageKeys
 from fbjax.sched.base import Scheduler, StepPlan
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.request import Request, SamplingParams
@@ -35,6 +36,8 @@ class SimRequest:
     output_len: int
     ttft_slo: float | None = None
     tpot_slo: float | None = None
+    hash_ids: tuple[int, ...] = ()  # prefix-block hashes (Mooncake), for prefix caching
+    hash_block_size: int = 0  # tokens per hash block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,17 +145,25 @@ class Simulator:
 
     def requests_in_arrival_order(self, arrivals: Sequence[SimRequest]) -> list[Request]:
         order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
-        return [self._request(i, arrivals[i]) for i in order]
+        kv = self.scheduler.kv
+        page_size = kv.page_size if kv.enable_prefix_caching else None
+        return [sim_request(i, arrivals[i], page_size) for i in order]
 
-    @staticmethod
-    def _request(index: int, spec: SimRequest) -> Request:
-        if spec.prompt_len <= 0 or spec.output_len <= 0:
-            raise ValueError(f"request {index}: prompt_len and output_len must be positive, "
-                             f"got {spec.prompt_len} and {spec.output_len}")
-        return Request(f"sim-{index}", [], SamplingParams(max_tokens=spec.output_len,
-                                                          ignore_eos=True),
-                       spec.arrival_s, prompt_len=spec.prompt_len,
-                       ttft_slo=spec.ttft_slo, tpot_slo=spec.tpot_slo)
+
+def sim_request(index: int, spec: SimRequest, page_size: int | None = None) -> Request:
+    """The scheduler's Request for ``spec``; with ``page_size`` (prefix caching on), its
+    page keys come from the trace's block hashes."""
+    if spec.prompt_len <= 0 or spec.output_len <= 0:
+        raise ValueError(f"request {index}: prompt_len and output_len must be positive, "
+                         f"got {spec.prompt_len} and {spec.output_len}")
+    request = Request(f"sim-{index}", [], SamplingParams(max_tokens=spec.output_len,
+                                                         ignore_eos=True),
+                      spec.arrival_s, prompt_len=spec.prompt_len,
+                      ttft_slo=spec.ttft_slo, tpot_slo=spec.tpot_slo)
+    if page_size is not None and spec.hash_ids:
+        request.page_keys = BlockPageKeys(spec.hash_ids, spec.hash_block_size, page_size,
+                                          spec.prompt_len)
+    return request
 
 
 class SimInstance:

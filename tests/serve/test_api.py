@@ -222,6 +222,29 @@ def test_metrics_parse_and_move(server, client):
                for line in after.splitlines())
 
 
+def test_repeated_prompt_reports_cached_tokens_and_hit_metrics(server, client):
+    """Prefix caching is on by default: a prompt sent again is served from the cache (its
+    full 16-token pages, never its last token), usage says so as OpenAI does, the
+    output is unchanged, and /metrics counts the hits."""
+    prompt = "A long shared system prompt, repeated by every request of a chat app. " * 2
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    before = httpx.get(server.url + "/metrics").text
+    first = client.completions.create(**kw)
+    again = client.completions.create(**kw)
+    after = httpx.get(server.url + "/metrics").text
+    prompt_tokens = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+    assert again.choices[0].text == first.choices[0].text
+    hits = metric(after, "fbjax_prefix_cache_hits_total") - \
+        metric(before, "fbjax_prefix_cache_hits_total")
+    queries = metric(after, "fbjax_prefix_cache_queries_total") - \
+        metric(before, "fbjax_prefix_cache_queries_total")
+    assert hits == again.usage.prompt_tokens_details.cached_tokens
+    assert queries == 2 * prompt_tokens
+    assert 0 < metric(after, "fbjax_prefix_cache_hit_rate") <= 1
+
+
 def test_raw_sse_format(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 3,
                                                        "stream": True}) as r:
