@@ -74,6 +74,15 @@ def unloaded_latencies(profile: Profile, trace: Trace) -> tuple[float, float]:
             unloaded_decode_s(profile.latency, profile.buckets, context))
 
 
+def unloaded_ttft_floor(profile: Profile, trace: Trace, percentile: float = 99.0) -> float:
+    """The ``percentile`` of the trace's TTFTs if every request ran alone (its own
+    prefill): no scheduler's TTFT percentile can go below it, so a baseline's P99 TTFT
+    over this floor caps the P99 reduction any policy can show on the trace."""
+    times = [unloaded_prefill_s(profile.latency, profile.buckets, int(n))
+             for n in trace.prompt_lens]
+    return float(np.percentile(times, percentile)) if times else 0.0
+
+
 def setting_for(name: str, profile: Profile, trace: Trace) -> Setting:
     if name not in SLO_SETTINGS:
         raise ValueError(f"unknown SLO setting {name!r}; choose one of {list(SLO_SETTINGS)}")

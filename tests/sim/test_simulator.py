@@ -184,3 +184,24 @@ def test_step_cap_raises():
     sim = Simulator(make("vllm", max_tokens=16), LINEAR, max_steps=3)
     with pytest.raises(SimulationStalled, match="3 steps"):
         sim.run([SimRequest(0.0, 100, 2)])
+
+
+def test_unloaded_ttft_floor_bounds_every_policy_and_is_reached_alone():
+    """The protocol's P99 TTFT floor (each request alone) is what a lone request gets,
+    and no policy's P99 TTFT on a loaded slice goes below it."""
+    from fbjax.sim.experiment import SLO, simulate
+    from fbjax.sim.instance import PolicySpec, load_profile
+    from fbjax.sim.protocol import protocol_trace, unloaded_ttft_floor
+    from fbjax.traces import Trace
+
+    profile = load_profile("a100-llama3-8b")
+    trace = protocol_trace("azure_llm_2023_conv", 60)
+    slo = SLO(3.0, 0.1)
+    alone = Trace("one", [trace[0]])
+    ttft = simulate(alone, PolicySpec("sarathi", token_budget=8192), profile,
+                    slo).records[0].ttft
+    assert ttft == pytest.approx(unloaded_ttft_floor(profile, alone, 99.0), rel=1e-9)
+    floor = unloaded_ttft_floor(profile, trace)
+    for spec in (PolicySpec("sarathi", token_budget=512), PolicySpec("fairbatching")):
+        p99 = simulate(trace, spec, profile, slo, rate_scale=1.0).summary.ttft.p(99)
+        assert p99 >= floor * 1e3
