@@ -11,15 +11,17 @@ all build their settings here, so their figures are comparable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from fbjax.sched.fairbatching import FairBatchingConfig
-from fbjax.sim.experiment import SLO
+from fbjax.sim.experiment import SLO, sim_requests
 from fbjax.sim.instance import (
     PolicySpec,
     Profile,
     deployed_chunk_size,
+    fastest_unloaded_prefill_s,
     unloaded_decode_s,
     unloaded_prefill_s,
 )
@@ -75,11 +77,15 @@ def unloaded_latencies(profile: Profile, trace: Trace) -> tuple[float, float]:
 
 
 def unloaded_ttft_floor(profile: Profile, trace: Trace, percentile: float = 99.0) -> float:
-    """The ``percentile`` of the trace's TTFTs if every request ran alone (its own
-    prefill): no scheduler's TTFT percentile can go below it, so a baseline's P99 TTFT
-    over this floor caps the P99 reduction any policy can show on the trace."""
-    times = [unloaded_prefill_s(profile.latency, profile.buckets, int(n))
-             for n in trace.prompt_lens]
+    """The ``percentile`` of the trace's TTFTs if every request ran alone, each in its
+    fastest equal-chunk prefill (``fastest_unloaded_prefill_s``): a scheduler's TTFT
+    percentile can hardly go below it, so a baseline's P99 TTFT over this floor bounds
+    the P99 reduction a policy can show on the trace. Over the requests the simulator
+    serves (``sim_requests`` drops those larger than the KV pool)."""
+    served, _ = sim_requests(trace, SLO(1.0, 1.0), profile)
+    fastest = functools.lru_cache(maxsize=None)(
+        lambda n: fastest_unloaded_prefill_s(profile.latency, profile.buckets, n))
+    times = [fastest(r.prompt_len) for r in served]
     return float(np.percentile(times, percentile)) if times else 0.0
 
 

@@ -187,20 +187,27 @@ def test_step_cap_raises():
 
 
 def test_unloaded_ttft_floor_bounds_every_policy_and_is_reached_alone():
-    """The protocol's P99 TTFT floor (each request alone) is what a lone request gets,
-    and no policy's P99 TTFT on a loaded slice goes below it."""
+    """The protocol's P99 TTFT floor (each request alone, in its fastest equal chunks) is
+    what a lone request gets from Sarathi with that chunk size, and no policy's P99 TTFT
+    on a loaded slice goes below it."""
     from fbjax.sim.experiment import SLO, simulate
-    from fbjax.sim.instance import PolicySpec, load_profile
+    from fbjax.sim.instance import PolicySpec, load_profile, unloaded_prefill_s
     from fbjax.sim.protocol import protocol_trace, unloaded_ttft_floor
     from fbjax.traces import Trace
 
     profile = load_profile("a100-llama3-8b")
     trace = protocol_trace("azure_llm_2023_conv", 60)
     slo = SLO(3.0, 0.1)
-    alone = Trace("one", [trace[0]])
-    ttft = simulate(alone, PolicySpec("sarathi", token_budget=8192), profile,
+    longest = max(trace, key=lambda r: r.prompt_len)
+    alone = Trace("one", [longest])
+    floor_alone = unloaded_ttft_floor(profile, alone, 99.0)
+    best = min(profile.buckets.token_buckets, key=lambda c: unloaded_prefill_s(
+        profile.latency, profile.buckets, longest.prompt_len, c))
+    assert floor_alone < unloaded_prefill_s(profile.latency, profile.buckets,
+                                            longest.prompt_len)  # largest bucket: slower
+    ttft = simulate(alone, PolicySpec("sarathi", token_budget=best), profile,
                     slo).records[0].ttft
-    assert ttft == pytest.approx(unloaded_ttft_floor(profile, alone, 99.0), rel=1e-9)
+    assert ttft == pytest.approx(floor_alone, rel=1e-9)
     floor = unloaded_ttft_floor(profile, trace)
     for spec in (PolicySpec("sarathi", token_budget=512), PolicySpec("fairbatching")):
         p99 = simulate(trace, spec, profile, slo, rate_scale=1.0).summary.ttft.p(99)
