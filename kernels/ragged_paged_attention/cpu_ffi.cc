@@ -1,0 +1,455 @@
+// Ragged paged attention for XLA:CPU, called through the typed XLA FFI.
+//
+// Same semantics as reference.py: a flat token axis split by cu_q_lens, keys and values
+// read through the page table at absolute positions, causal within the chunk, optional
+// sliding window and soft cap, online softmax in float32, padding tokens get zeros.
+//
+// Why a hand-written kernel: XLA on CPU materialises every page gathered through the
+// page table (a copy of each sequence's whole context per step and layer). Here the
+// K/V rows are read in place from the cache buffer.
+//
+// Work unit: one query token x one kv head (its `group` query heads together, so each
+// key and value row is loaded once for all of them). Keys are walked in blocks of
+// kKeyBlock absolute positions, so a token's result depends only on its own query, its
+// position and its sequence's keys: the same alone or batched, in any bucket, prefilled
+// at once or in chunks (bitwise). Work units are independent, so they are shared
+// between the caller and XLA's intra-op thread pool without changing any result.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FBJAX_AVX2 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using bf16 = uint16_t;  // raw bfloat16 bits
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) {
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void store(float x, float* out) { *out = x; }
+inline void store(float x, bf16* out) {  // round to nearest even, as XLA's convert
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    *out = 0x7fc0;
+  } else {
+    *out = bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+struct Problem {
+  int64_t tokens, q_heads, head_dim, num_pages, page_size, kv_heads, group;
+  int64_t max_seqs, pages_per_seq;
+  float sm_scale;
+  int64_t window;  // < 0: none
+  float soft_cap;  // <= 0: none
+};
+
+// Per-thread scratch for one work unit.
+struct Scratch {
+  std::vector<float> q, s, acc, m, l;
+  std::vector<const void*> krows, vrows;
+  void resize(int64_t group, int64_t head_dim) {
+    q.resize(group * head_dim);
+    s.resize(group * kKeyBlock);
+    acc.resize(group * head_dim);
+    m.resize(group);
+    l.resize(group);
+    krows.resize(kKeyBlock);
+    vrows.resize(kKeyBlock);
+  }
+};
+
+// ---------------------------------------------------------------------------- kernels
+// Each step below has a portable scalar version and, for head_dim % 8 == 0 on AVX2+FMA
+// builds, a vector one. A build and a head_dim always take the same path.
+
+#ifdef FBJAX_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The eight horizontal sums of a[0..7], as one vector.
+inline __m256 reduce8(const __m256* a) {
+  __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
+  __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 t2 = _mm256_hadd_ps(a[4], a[5]);
+  __m256 t3 = _mm256_hadd_ps(a[6], a[7]);
+  t0 = _mm256_hadd_ps(t0, t1);
+  t2 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t2, 0x20),
+                       _mm256_permute2f128_ps(t0, t2, 0x31));
+}
+
+inline float hsum(__m256 a) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+inline float hmax(__m256 a) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
+  return _mm_cvtss_f32(x);
+}
+
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); x < -87 (and -inf) gives 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 dead = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127));
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+  return _mm256_andnot_ps(dead, y);
+}
+
+// s[g * kKeyBlock + j] = q[g] . k[j] for j < n.
+template <typename KT>
+void scores_avx2(const float* q, int64_t group, int64_t d, const void* const* rows,
+                 int64_t n, float* s) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * d;
+    float* sg = s + g * kKeyBlock;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const KT* k[8];
+      for (int u = 0; u < 8; ++u) k[u] = static_cast<const KT*>(rows[j + u]);
+      __m256 a[8];
+      __m256 qc = load8(qg);
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_mul_ps(qc, load8(k[u]));
+      for (int64_t c = 8; c < d; c += 8) {
+        qc = load8(qg + c);
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qc, load8(k[u] + c), a[u]);
+      }
+      _mm256_storeu_ps(sg + j, reduce8(a));
+    }
+    for (; j < n; ++j) {
+      const KT* k = static_cast<const KT*>(rows[j]);
+      __m256 a = _mm256_mul_ps(load8(qg), load8(k));
+      for (int64_t c = 8; c < d; c += 8) a = _mm256_fmadd_ps(load8(qg + c), load8(k + c), a);
+      sg[j] = hsum(a);
+    }
+  }
+}
+
+// acc[0:NV*8] += sum_j p[j] * v[j][0:NV*8]; two interleaved sets of accumulators keep
+// the FMA pipes busy.
+template <typename VT, int NV>
+void pv_chunk(const float* p, const void* const* rows, int64_t n, int64_t offset,
+              float* acc) {
+  __m256 a[NV], b[NV];
+  for (int c = 0; c < NV; ++c) {
+    a[c] = _mm256_loadu_ps(acc + 8 * c);
+    b[c] = _mm256_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const VT* v0 = static_cast<const VT*>(rows[j]) + offset;
+    const VT* v1 = static_cast<const VT*>(rows[j + 1]) + offset;
+    const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
+    for (int c = 0; c < NV; ++c) {
+      a[c] = _mm256_fmadd_ps(p0, load8(v0 + 8 * c), a[c]);
+      b[c] = _mm256_fmadd_ps(p1, load8(v1 + 8 * c), b[c]);
+    }
+  }
+  if (j < n) {
+    const VT* v0 = static_cast<const VT*>(rows[j]) + offset;
+    const __m256 p0 = _mm256_set1_ps(p[j]);
+    for (int c = 0; c < NV; ++c) a[c] = _mm256_fmadd_ps(p0, load8(v0 + 8 * c), a[c]);
+  }
+  for (int c = 0; c < NV; ++c) _mm256_storeu_ps(acc + 8 * c, _mm256_add_ps(a[c], b[c]));
+}
+
+template <typename VT>
+void pv_avx2(const float* p, const void* const* rows, int64_t n, int64_t d, float* acc) {
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) pv_chunk<VT, 4>(p, rows, n, c, acc + c);
+  switch ((d - c) / 8) {
+    case 3: pv_chunk<VT, 3>(p, rows, n, c, acc + c); break;
+    case 2: pv_chunk<VT, 2>(p, rows, n, c, acc + c); break;
+    case 1: pv_chunk<VT, 1>(p, rows, n, c, acc + c); break;
+    default: break;
+  }
+}
+
+// p = exp(s - m) in place over n entries; returns sum(p).
+float exp_avx2(float* s, int64_t n, float m) {
+  const int64_t padded = (n + 7) / 8 * 8;  // <= kKeyBlock
+  for (int64_t j = n; j < padded; ++j) s[j] = kNegInf;
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 8) {
+    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, p);
+    total = _mm256_add_ps(total, p);
+  }
+  return hsum(total);
+}
+
+float max_avx2(const float* s, int64_t n) {
+  int64_t j = 0;
+  float m = kNegInf;
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(s);
+    for (j = 8; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+    m = hmax(mv);
+  }
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+#endif  // FBJAX_AVX2
+
+template <typename KT>
+void scores_scalar(const float* q, int64_t group, int64_t d, const void* const* rows,
+                   int64_t n, float* s) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * d;
+    for (int64_t j = 0; j < n; ++j) {
+      const KT* k = static_cast<const KT*>(rows[j]);
+      float a = 0.0f;
+      for (int64_t c = 0; c < d; ++c) a += qg[c] * to_float(k[c]);
+      s[g * kKeyBlock + j] = a;
+    }
+  }
+}
+
+template <typename VT>
+void pv_scalar(const float* p, const void* const* rows, int64_t n, int64_t d, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const VT* v = static_cast<const VT*>(rows[j]);
+    for (int64_t c = 0; c < d; ++c) acc[c] += p[j] * to_float(v[c]);
+  }
+}
+
+float exp_scalar(float* s, int64_t n, float m) {
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    total += s[j];
+  }
+  return total;
+}
+
+float max_scalar(const float* s, int64_t n) {
+  float m = kNegInf;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// ------------------------------------------------------------------------- one unit
+
+// Attention of one query token (its `group` heads on kv head `h`) over keys [lo, hi).
+template <typename QT, typename KT>
+void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_cache,
+            const int32_t* pages, int64_t h, int64_t lo, int64_t hi, Scratch& sc,
+            QT* out_tok) {
+  const int64_t d = pr.head_dim, group = pr.group;
+  const int64_t row_stride = pr.kv_heads * d;
+  bool vector_path = false;
+#ifdef FBJAX_AVX2
+  vector_path = d % 8 == 0;
+#endif
+  float* q = sc.q.data();
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < d; ++c)
+      q[g * d + c] = to_float(q_tok[(h * group + g) * d + c]) * pr.sm_scale;
+  std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
+  std::fill(sc.m.begin(), sc.m.end(), kNegInf);
+  std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+
+  for (int64_t block = lo / kKeyBlock * kKeyBlock; block < hi; block += kKeyBlock) {
+    const int64_t j0 = std::max(lo, block), j1 = std::min(hi, block + kKeyBlock);
+    const int64_t n = j1 - j0;
+    for (int64_t j = j0; j < j1;) {  // row addresses, a page at a time
+      int64_t page = pages[j / pr.page_size];
+      page = std::min(std::max<int64_t>(page, 0), pr.num_pages - 1);
+      const int64_t in_page = j % pr.page_size;
+      const int64_t stop = std::min(j1, j - in_page + pr.page_size);
+      const int64_t base = (page * pr.page_size + in_page) * row_stride + h * d;
+      for (int64_t i = 0; i < stop - j; ++i) {
+        sc.krows[j - j0 + i] = k_cache + base + i * row_stride;
+        sc.vrows[j - j0 + i] = v_cache + base + i * row_stride;
+      }
+      j = stop;
+    }
+    float* s = sc.s.data();
+#ifdef FBJAX_AVX2
+    if (vector_path) scores_avx2<KT>(q, group, d, sc.krows.data(), n, s);
+#endif
+    if (!vector_path) scores_scalar<KT>(q, group, d, sc.krows.data(), n, s);
+    for (int64_t g = 0; g < group; ++g) {
+      float* sg = s + g * kKeyBlock;
+      if (pr.soft_cap > 0.0f)
+        for (int64_t j = 0; j < n; ++j) sg[j] = pr.soft_cap * std::tanh(sg[j] / pr.soft_cap);
+      float block_max, total;
+#ifdef FBJAX_AVX2
+      if (vector_path) block_max = max_avx2(sg, n);
+#endif
+      if (!vector_path) block_max = max_scalar(sg, n);
+      const float m_new = std::max(sc.m[g], block_max);
+      // m_new is finite unless the scores are; exp(-inf) = 0 on the first block
+      const float alpha = std::exp(sc.m[g] - m_new);
+#ifdef FBJAX_AVX2
+      if (vector_path) total = exp_avx2(sg, n, m_new);
+#endif
+      if (!vector_path) total = exp_scalar(sg, n, m_new);
+      sc.l[g] = sc.l[g] * alpha + total;
+      sc.m[g] = m_new;
+      float* acc = sc.acc.data() + g * d;
+      if (alpha != 1.0f)
+        for (int64_t c = 0; c < d; ++c) acc[c] *= alpha;
+#ifdef FBJAX_AVX2
+      if (vector_path) pv_avx2<KT>(sg, sc.vrows.data(), n, d, acc);
+#endif
+      if (!vector_path) pv_scalar<KT>(sg, sc.vrows.data(), n, d, acc);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float l = sc.l[g];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t c = 0; c < d; ++c)
+      store(sc.acc[g * d + c] * inv, out_tok + (h * group + g) * d + c);
+  }
+}
+
+// --------------------------------------------------------------------------- a batch
+
+struct Unit {  // one query token of one sequence, one kv head
+  int32_t seq, token, head;
+  int64_t lo, hi;
+};
+
+template <typename QT, typename KT>
+void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
+         const int32_t* kv_lens, const int32_t* page_indices, const int32_t* cu_q_lens,
+         int64_t num_seqs, QT* out, ffi::ThreadPool* pool) {
+  std::memset(out, 0, sizeof(QT) * pr.tokens * pr.q_heads * pr.head_dim);
+  num_seqs = std::min(std::max<int64_t>(num_seqs, 0), pr.max_seqs);
+  const int64_t max_kv = pr.pages_per_seq * pr.page_size;
+  auto units = std::make_shared<std::vector<Unit>>();
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t start = std::min(std::max<int64_t>(cu_q_lens[s], 0), pr.tokens);
+    const int64_t end = std::min(std::max<int64_t>(cu_q_lens[s + 1], start), pr.tokens);
+    const int64_t kv_len = std::min(std::max<int64_t>(kv_lens[s], 0), max_kv);
+    for (int64_t t = start; t < end; ++t) {
+      const int64_t pos = kv_len - (end - start) + (t - start);  // absolute position
+      const int64_t hi = std::min(pos + 1, kv_len);
+      const int64_t lo = pr.window >= 0 ? std::max<int64_t>(0, pos - pr.window + 1) : 0;
+      if (hi <= lo) continue;  // sees no key: zeros, as the reference
+      for (int64_t h = 0; h < pr.kv_heads; ++h)
+        units->push_back({int32_t(s), int32_t(t), int32_t(h), lo, hi});
+    }
+  }
+  const int64_t row = pr.q_heads * pr.head_dim;
+  auto work = [&pr, q, k_cache, v_cache, page_indices, out, row](const Unit& u,
+                                                                  Scratch& sc) {
+    attend<QT, KT>(pr, q + u.token * row, k_cache, v_cache,
+                   page_indices + int64_t(u.seq) * pr.pages_per_seq, u.head, u.lo, u.hi,
+                   sc, out + u.token * row);
+  };
+  thread_local Scratch scratch;
+  scratch.resize(pr.group, pr.head_dim);
+  for (const Unit& u : *units) work(u, scratch);
+}
+
+ffi::Error Dispatch(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                    ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
+                    ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
+                    ffi::Result<ffi::AnyBuffer> out, float sm_scale, int64_t sliding_window,
+                    float soft_cap) {
+  const auto qd = q.dimensions(), kd = k_cache.dimensions(), pd = page_indices.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("ragged_paged_attention: bad ranks");
+  if (k_cache.element_type() != v_cache.element_type() ||
+      out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("ragged_paged_attention: dtype mismatch");
+  Problem pr;
+  pr.tokens = qd[0];
+  pr.q_heads = qd[1];
+  pr.head_dim = qd[2];
+  pr.num_pages = kd[0];
+  pr.page_size = kd[1];
+  pr.kv_heads = kd[2];
+  pr.max_seqs = pd[0];
+  pr.pages_per_seq = pd[1];
+  if (kd[3] != pr.head_dim || pr.kv_heads <= 0 || pr.q_heads % pr.kv_heads ||
+      kv_lens.element_count() != size_t(pr.max_seqs) ||
+      cu_q_lens.element_count() != size_t(pr.max_seqs + 1) ||
+      num_seqs.element_count() != 1)
+    return ffi::Error::InvalidArgument("ragged_paged_attention: inconsistent shapes");
+  pr.group = pr.q_heads / pr.kv_heads;
+  pr.sm_scale = sm_scale;
+  pr.window = sliding_window;
+  pr.soft_cap = soft_cap;
+  if (pr.tokens == 0 || pr.num_pages == 0) return ffi::Error::Success();
+  const int64_t ns = num_seqs.typed_data()[0];
+  const auto qt = q.element_type(), kt = k_cache.element_type();
+  auto go = [&](auto q_tag, auto k_tag) {
+    using QT = decltype(q_tag);
+    using KT = decltype(k_tag);
+    run<QT, KT>(pr, static_cast<const QT*>(q.untyped_data()),
+                static_cast<const KT*>(k_cache.untyped_data()),
+                static_cast<const KT*>(v_cache.untyped_data()), kv_lens.typed_data(),
+                page_indices.typed_data(), cu_q_lens.typed_data(), ns,
+                static_cast<QT*>(out->untyped_data()), nullptr);
+  };
+  const bool q32 = qt == ffi::DataType::F32, k32 = kt == ffi::DataType::F32;
+  const bool q16 = qt == ffi::DataType::BF16, k16 = kt == ffi::DataType::BF16;
+  if (q32 && k32) go(float{}, float{});
+  else if (q32 && k16) go(float{}, bf16{});
+  else if (q16 && k32) go(bf16{}, float{});
+  else if (q16 && k16) go(bf16{}, bf16{});
+  else return ffi::Error::InvalidArgument("ragged_paged_attention: float32 or bfloat16 only");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FbjaxRaggedPagedAttention, Dispatch,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k_cache
+                                  .Arg<ffi::AnyBuffer>()  // v_cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_indices
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_seqs
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));
