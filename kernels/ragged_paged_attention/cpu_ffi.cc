@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -68,7 +69,7 @@ struct Problem {
 
 // Per-thread scratch for one work unit.
 struct Scratch {
-  std::vector<float> q, s, acc, m, l;
+  std::vector<float> q, s, acc, m, l, alpha;
   std::vector<const void*> krows, vrows;
   void resize(int64_t group, int64_t head_dim) {
     q.resize(group * head_dim);
@@ -76,6 +77,7 @@ struct Scratch {
     acc.resize(group * head_dim);
     m.resize(group);
     l.resize(group);
+    alpha.resize(group);
     krows.resize(kKeyBlock);
     vrows.resize(kKeyBlock);
   }
@@ -138,71 +140,92 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(dead, y);
 }
 
-// s[g * kKeyBlock + j] = q[g] . k[j] for j < n.
+// Dot products of 8 (query row, key row) pairs, one per lane: lane i = sum(q[i] * k[i]).
+// Every lane is summed in the same order, so a score does not depend on its lane.
 template <typename KT>
-void scores_avx2(const float* q, int64_t group, int64_t d, const void* const* rows,
+inline __m256 dots8(const float* const* q, const KT* const* k, int64_t d) {
+  __m256 a[8];
+  for (int u = 0; u < 8; ++u) a[u] = _mm256_mul_ps(load8(q[u]), load8(k[u]));
+  for (int64_t c = 8; c < d; c += 8)
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(load8(q[u] + c), load8(k[u] + c), a[u]);
+  return reduce8(a);
+}
+
+// s[g * kKeyBlock + j] = q[g] . k[j] for j < ceil(n / 4) * 4 (rows padded past n).
+// Two query rows x four keys per step: six loads per eight FMAs.
+// kD > 0: head_dim known at compile time (fully unrolled dot products).
+template <typename KT, int kD>
+void scores_avx2(const float* q, int64_t group, int64_t head_dim, const void* const* rows,
                  int64_t n, float* s) {
-  for (int64_t g = 0; g < group; ++g) {
-    const float* qg = q + g * d;
-    float* sg = s + g * kKeyBlock;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
+  const int64_t d = kD > 0 ? kD : head_dim;
+  int64_t g = 0;
+  for (; g + 2 <= group; g += 2) {
+    const float* q0 = q + g * d;
+    const float* q1 = q0 + d;
+    const float* qs[8] = {q0, q0, q0, q0, q1, q1, q1, q1};
+    for (int64_t j = 0; j < n; j += 4) {
+      const KT* k[8];
+      for (int u = 0; u < 4; ++u) k[u] = k[u + 4] = static_cast<const KT*>(rows[j + u]);
+      const __m256 r = dots8<KT>(qs, k, d);
+      _mm_storeu_ps(s + g * kKeyBlock + j, _mm256_castps256_ps128(r));
+      _mm_storeu_ps(s + (g + 1) * kKeyBlock + j, _mm256_extractf128_ps(r, 1));
+    }
+  }
+  if (g < group) {  // an odd row: eight keys per step
+    const float* q0 = q + g * d;
+    const float* qs[8] = {q0, q0, q0, q0, q0, q0, q0, q0};
+    for (int64_t j = 0; j < n; j += 8) {
       const KT* k[8];
       for (int u = 0; u < 8; ++u) k[u] = static_cast<const KT*>(rows[j + u]);
-      __m256 a[8];
-      __m256 qc = load8(qg);
-      for (int u = 0; u < 8; ++u) a[u] = _mm256_mul_ps(qc, load8(k[u]));
-      for (int64_t c = 8; c < d; c += 8) {
-        qc = load8(qg + c);
-        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qc, load8(k[u] + c), a[u]);
-      }
-      _mm256_storeu_ps(sg + j, reduce8(a));
-    }
-    for (; j < n; ++j) {
-      const KT* k = static_cast<const KT*>(rows[j]);
-      __m256 a = _mm256_mul_ps(load8(qg), load8(k));
-      for (int64_t c = 8; c < d; c += 8) a = _mm256_fmadd_ps(load8(qg + c), load8(k + c), a);
-      sg[j] = hsum(a);
+      _mm256_storeu_ps(s + g * kKeyBlock + j, dots8<KT>(qs, k, d));
     }
   }
 }
 
-// acc[0:NV*8] += sum_j p[j] * v[j][0:NV*8]; two interleaved sets of accumulators keep
-// the FMA pipes busy.
-template <typename VT, int NV>
-void pv_chunk(const float* p, const void* const* rows, int64_t n, int64_t offset,
-              float* acc) {
-  __m256 a[NV], b[NV];
-  for (int c = 0; c < NV; ++c) {
-    a[c] = _mm256_loadu_ps(acc + 8 * c);
-    b[c] = _mm256_setzero_ps();
+// acc[r][offset : offset + 8 * CB] = alpha[r] * acc[r][...] + sum_j p[r][j] * v[j][...]
+// for RB rows at once: each value row is loaded once for all of them, and the RB * CB
+// accumulators are independent FMA chains.
+template <typename VT, int RB, int CB>
+void pv_block(const float* p, const float* alpha, const void* const* rows, int64_t n,
+              int64_t offset, int64_t d, float* acc) {
+  __m256 a[RB][CB];
+  for (int r = 0; r < RB; ++r) {
+    const __m256 al = _mm256_set1_ps(alpha[r]);
+    for (int c = 0; c < CB; ++c)
+      a[r][c] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + r * d + offset + 8 * c));
   }
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    const VT* v0 = static_cast<const VT*>(rows[j]) + offset;
-    const VT* v1 = static_cast<const VT*>(rows[j + 1]) + offset;
-    const __m256 p0 = _mm256_set1_ps(p[j]), p1 = _mm256_set1_ps(p[j + 1]);
-    for (int c = 0; c < NV; ++c) {
-      a[c] = _mm256_fmadd_ps(p0, load8(v0 + 8 * c), a[c]);
-      b[c] = _mm256_fmadd_ps(p1, load8(v1 + 8 * c), b[c]);
+  for (int64_t j = 0; j < n; ++j) {
+    const VT* v = static_cast<const VT*>(rows[j]) + offset;
+    __m256 vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = load8(v + 8 * c);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 pr = _mm256_set1_ps(p[r * kKeyBlock + j]);
+      for (int c = 0; c < CB; ++c) a[r][c] = _mm256_fmadd_ps(pr, vv[c], a[r][c]);
     }
   }
-  if (j < n) {
-    const VT* v0 = static_cast<const VT*>(rows[j]) + offset;
-    const __m256 p0 = _mm256_set1_ps(p[j]);
-    for (int c = 0; c < NV; ++c) a[c] = _mm256_fmadd_ps(p0, load8(v0 + 8 * c), a[c]);
-  }
-  for (int c = 0; c < NV; ++c) _mm256_storeu_ps(acc + 8 * c, _mm256_add_ps(a[c], b[c]));
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < CB; ++c) _mm256_storeu_ps(acc + r * d + offset + 8 * c, a[r][c]);
+}
+
+template <typename VT, int RB>
+void pv_rows(const float* p, const float* alpha, const void* const* rows, int64_t n,
+             int64_t d, float* acc) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) pv_block<VT, RB, 2>(p, alpha, rows, n, c, d, acc);
+  if (c < d) pv_block<VT, RB, 1>(p, alpha, rows, n, c, d, acc);
 }
 
 template <typename VT>
-void pv_avx2(const float* p, const void* const* rows, int64_t n, int64_t d, float* acc) {
-  int64_t c = 0;
-  for (; c + 32 <= d; c += 32) pv_chunk<VT, 4>(p, rows, n, c, acc + c);
-  switch ((d - c) / 8) {
-    case 3: pv_chunk<VT, 3>(p, rows, n, c, acc + c); break;
-    case 2: pv_chunk<VT, 2>(p, rows, n, c, acc + c); break;
-    case 1: pv_chunk<VT, 1>(p, rows, n, c, acc + c); break;
+void pv_avx2(const float* p, const float* alpha, const void* const* rows, int64_t n,
+             int64_t group, int64_t d, float* acc) {
+  int64_t g = 0;
+  for (; g + 4 <= group; g += 4)
+    pv_rows<VT, 4>(p + g * kKeyBlock, alpha + g, rows, n, d, acc + g * d);
+  const float* pg = p + g * kKeyBlock;
+  switch (group - g) {
+    case 3: pv_rows<VT, 3>(pg, alpha + g, rows, n, d, acc + g * d); break;
+    case 2: pv_rows<VT, 2>(pg, alpha + g, rows, n, d, acc + g * d); break;
+    case 1: pv_rows<VT, 1>(pg, alpha + g, rows, n, d, acc + g * d); break;
     default: break;
   }
 }
@@ -249,10 +272,16 @@ void scores_scalar(const float* q, int64_t group, int64_t d, const void* const* 
 }
 
 template <typename VT>
-void pv_scalar(const float* p, const void* const* rows, int64_t n, int64_t d, float* acc) {
-  for (int64_t j = 0; j < n; ++j) {
-    const VT* v = static_cast<const VT*>(rows[j]);
-    for (int64_t c = 0; c < d; ++c) acc[c] += p[j] * to_float(v[c]);
+void pv_scalar(const float* p, const float* alpha, const void* const* rows, int64_t n,
+               int64_t group, int64_t d, float* acc) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* ag = acc + g * d;
+    for (int64_t c = 0; c < d; ++c) ag[c] *= alpha[g];
+    for (int64_t j = 0; j < n; ++j) {
+      const VT* v = static_cast<const VT*>(rows[j]);
+      const float pj = p[g * kKeyBlock + j];
+      for (int64_t c = 0; c < d; ++c) ag[c] += pj * to_float(v[c]);
+    }
   }
 }
 
@@ -273,6 +302,27 @@ float max_scalar(const float* s, int64_t n) {
 
 // ------------------------------------------------------------------------- one unit
 
+// Ask for the K/V rows of positions [from, to) (head h) ahead of use: the pages are
+// scattered, so the hardware prefetcher cannot guess the next one.
+template <typename KT>
+inline void prefetch_rows(const Problem& pr, const KT* k_cache, const KT* v_cache,
+                          const int32_t* pages, int64_t h, int64_t from, int64_t to) {
+  const int64_t row_stride = pr.kv_heads * pr.head_dim;
+  const int64_t row_bytes = pr.head_dim * int64_t(sizeof(KT));
+  for (int64_t j = from; j < to; ++j) {
+    int64_t page = pages[j / pr.page_size];
+    page = std::min(std::max<int64_t>(page, 0), pr.num_pages - 1);
+    const int64_t offset = (page * pr.page_size + j % pr.page_size) * row_stride +
+                           h * pr.head_dim;
+    const char* k = reinterpret_cast<const char*>(k_cache + offset);
+    const char* v = reinterpret_cast<const char*>(v_cache + offset);
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      __builtin_prefetch(k + b);
+      __builtin_prefetch(v + b);
+    }
+  }
+}
+
 // Attention of one query token (its `group` heads on kv head `h`) over keys [lo, hi).
 template <typename QT, typename KT>
 void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_cache,
@@ -288,13 +338,19 @@ void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_c
   for (int64_t g = 0; g < group; ++g)
     for (int64_t c = 0; c < d; ++c)
       q[g * d + c] = to_float(q_tok[(h * group + g) * d + c]) * pr.sm_scale;
-  std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
-  std::fill(sc.m.begin(), sc.m.end(), kNegInf);
-  std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+  float* acc = sc.acc.data();
+  float* m = sc.m.data();
+  float* l = sc.l.data();
+  float* alpha = sc.alpha.data();
+  std::fill(acc, acc + group * d, 0.0f);
+  std::fill(m, m + group, kNegInf);
+  std::fill(l, l + group, 0.0f);
 
   for (int64_t block = lo / kKeyBlock * kKeyBlock; block < hi; block += kKeyBlock) {
     const int64_t j0 = std::max(lo, block), j1 = std::min(hi, block + kKeyBlock);
     const int64_t n = j1 - j0;
+    const void** krows = sc.krows.data();
+    const void** vrows = sc.vrows.data();
     for (int64_t j = j0; j < j1;) {  // row addresses, a page at a time
       int64_t page = pages[j / pr.page_size];
       page = std::min(std::max<int64_t>(page, 0), pr.num_pages - 1);
@@ -302,48 +358,53 @@ void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_c
       const int64_t stop = std::min(j1, j - in_page + pr.page_size);
       const int64_t base = (page * pr.page_size + in_page) * row_stride + h * d;
       for (int64_t i = 0; i < stop - j; ++i) {
-        sc.krows[j - j0 + i] = k_cache + base + i * row_stride;
-        sc.vrows[j - j0 + i] = v_cache + base + i * row_stride;
+        krows[j - j0 + i] = k_cache + base + i * row_stride;
+        vrows[j - j0 + i] = v_cache + base + i * row_stride;
       }
       j = stop;
     }
+    for (int64_t j = n; j < (n + 7) / 8 * 8; ++j) krows[j] = krows[n - 1];  // pad lanes
+    prefetch_rows(pr, k_cache, v_cache, pages, h, j1, std::min(hi, j1 + kKeyBlock));
     float* s = sc.s.data();
 #ifdef FBJAX_AVX2
-    if (vector_path) scores_avx2<KT>(q, group, d, sc.krows.data(), n, s);
+    if (vector_path) {
+      switch (d) {  // the common head sizes get unrolled code
+        case 32: scores_avx2<KT, 32>(q, group, d, krows, n, s); break;
+        case 64: scores_avx2<KT, 64>(q, group, d, krows, n, s); break;
+        case 128: scores_avx2<KT, 128>(q, group, d, krows, n, s); break;
+        default: scores_avx2<KT, 0>(q, group, d, krows, n, s); break;
+      }
+    }
 #endif
-    if (!vector_path) scores_scalar<KT>(q, group, d, sc.krows.data(), n, s);
+    if (!vector_path) scores_scalar<KT>(q, group, d, krows, n, s);
     for (int64_t g = 0; g < group; ++g) {
       float* sg = s + g * kKeyBlock;
       if (pr.soft_cap > 0.0f)
         for (int64_t j = 0; j < n; ++j) sg[j] = pr.soft_cap * std::tanh(sg[j] / pr.soft_cap);
-      float block_max, total;
+      float block_max = kNegInf, total = 0.0f;
 #ifdef FBJAX_AVX2
       if (vector_path) block_max = max_avx2(sg, n);
 #endif
       if (!vector_path) block_max = max_scalar(sg, n);
-      const float m_new = std::max(sc.m[g], block_max);
+      const float m_new = std::max(m[g], block_max);
       // m_new is finite unless the scores are; exp(-inf) = 0 on the first block
-      const float alpha = std::exp(sc.m[g] - m_new);
+      alpha[g] = std::exp(m[g] - m_new);
 #ifdef FBJAX_AVX2
       if (vector_path) total = exp_avx2(sg, n, m_new);
 #endif
       if (!vector_path) total = exp_scalar(sg, n, m_new);
-      sc.l[g] = sc.l[g] * alpha + total;
-      sc.m[g] = m_new;
-      float* acc = sc.acc.data() + g * d;
-      if (alpha != 1.0f)
-        for (int64_t c = 0; c < d; ++c) acc[c] *= alpha;
-#ifdef FBJAX_AVX2
-      if (vector_path) pv_avx2<KT>(sg, sc.vrows.data(), n, d, acc);
-#endif
-      if (!vector_path) pv_scalar<KT>(sg, sc.vrows.data(), n, d, acc);
+      l[g] = l[g] * alpha[g] + total;
+      m[g] = m_new;
     }
+#ifdef FBJAX_AVX2
+    if (vector_path) pv_avx2<KT>(s, alpha, vrows, n, group, d, acc);
+#endif
+    if (!vector_path) pv_scalar<KT>(s, alpha, vrows, n, group, d, acc);
   }
   for (int64_t g = 0; g < group; ++g) {
-    const float l = sc.l[g];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
     for (int64_t c = 0; c < d; ++c)
-      store(sc.acc[g * d + c] * inv, out_tok + (h * group + g) * d + c);
+      store(acc[g * d + c] * inv, out_tok + (h * group + g) * d + c);
   }
 }
 
@@ -354,6 +415,18 @@ struct Unit {  // one query token of one sequence, one kv head
   int64_t lo, hi;
 };
 
+// Units handed out in chunks from a shared counter; lives as long as the last task.
+struct WorkQueue {
+  std::vector<Unit> units;
+  int64_t chunk = 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Below this many (query row, key) pairs a call runs on the calling thread alone: a
+// thread pool hand-off costs more than the work.
+constexpr int64_t kParallelMinPairs = 16384;
+
 template <typename QT, typename KT>
 void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
          const int32_t* kv_lens, const int32_t* page_indices, const int32_t* cu_q_lens,
@@ -361,7 +434,8 @@ void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
   std::memset(out, 0, sizeof(QT) * pr.tokens * pr.q_heads * pr.head_dim);
   num_seqs = std::min(std::max<int64_t>(num_seqs, 0), pr.max_seqs);
   const int64_t max_kv = pr.pages_per_seq * pr.page_size;
-  auto units = std::make_shared<std::vector<Unit>>();
+  auto queue = std::make_shared<WorkQueue>();
+  int64_t pairs = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t start = std::min(std::max<int64_t>(cu_q_lens[s], 0), pr.tokens);
     const int64_t end = std::min(std::max<int64_t>(cu_q_lens[s + 1], start), pr.tokens);
@@ -371,27 +445,47 @@ void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
       const int64_t hi = std::min(pos + 1, kv_len);
       const int64_t lo = pr.window >= 0 ? std::max<int64_t>(0, pos - pr.window + 1) : 0;
       if (hi <= lo) continue;  // sees no key: zeros, as the reference
+      pairs += (hi - lo) * pr.q_heads;
       for (int64_t h = 0; h < pr.kv_heads; ++h)
-        units->push_back({int32_t(s), int32_t(t), int32_t(h), lo, hi});
+        queue->units.push_back({int32_t(s), int32_t(t), int32_t(h), lo, hi});
     }
   }
+  const int64_t total = int64_t(queue->units.size());
+  const int64_t helpers =
+      pool != nullptr && pairs >= kParallelMinPairs
+          ? std::min<int64_t>(pool->num_threads(), total - 1) : 0;
+  queue->chunk = std::max<int64_t>(1, total / (8 * (helpers + 1)));
   const int64_t row = pr.q_heads * pr.head_dim;
-  auto work = [&pr, q, k_cache, v_cache, page_indices, out, row](const Unit& u,
-                                                                  Scratch& sc) {
-    attend<QT, KT>(pr, q + u.token * row, k_cache, v_cache,
-                   page_indices + int64_t(u.seq) * pr.pages_per_seq, u.head, u.lo, u.hi,
-                   sc, out + u.token * row);
+  // Copied into each task: the queue by shared_ptr, the rest by value. A task that
+  // starts after the caller returned finds no unit left and touches no buffer.
+  auto worker = [queue, pr, q, k_cache, v_cache, page_indices, out, row]() {
+    thread_local Scratch scratch;
+    scratch.resize(pr.group, pr.head_dim);
+    const int64_t total = int64_t(queue->units.size());
+    for (;;) {
+      const int64_t first = queue->next.fetch_add(queue->chunk);
+      if (first >= total) return;
+      const int64_t last = std::min(total, first + queue->chunk);
+      for (int64_t i = first; i < last; ++i) {
+        const Unit& u = queue->units[i];
+        attend<QT, KT>(pr, q + u.token * row, k_cache, v_cache,
+                       page_indices + int64_t(u.seq) * pr.pages_per_seq, u.head, u.lo,
+                       u.hi, scratch, out + u.token * row);
+      }
+      queue->done.fetch_add(last - first, std::memory_order_acq_rel);
+    }
   };
-  thread_local Scratch scratch;
-  scratch.resize(pr.group, pr.head_dim);
-  for (const Unit& u : *units) work(u, scratch);
+  for (int64_t i = 0; i < helpers; ++i) pool->Schedule(decltype(worker)(worker));
+  worker();
+  // Units taken by helpers may still be running; untaken ones were done by the caller.
+  while (queue->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
 ffi::Error Dispatch(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                     ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
                     ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
                     ffi::Result<ffi::AnyBuffer> out, float sm_scale, int64_t sliding_window,
-                    float soft_cap) {
+                    float soft_cap, ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k_cache.dimensions(), pd = page_indices.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2)
     return ffi::Error::InvalidArgument("ragged_paged_attention: bad ranks");
@@ -419,6 +513,7 @@ ffi::Error Dispatch(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_c
   if (pr.tokens == 0 || pr.num_pages == 0) return ffi::Error::Success();
   const int64_t ns = num_seqs.typed_data()[0];
   const auto qt = q.element_type(), kt = k_cache.element_type();
+  ffi::ThreadPool* pool_ptr = pool.num_threads() > 0 ? &pool : nullptr;
   auto go = [&](auto q_tag, auto k_tag) {
     using QT = decltype(q_tag);
     using KT = decltype(k_tag);
@@ -426,7 +521,7 @@ ffi::Error Dispatch(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_c
                 static_cast<const KT*>(k_cache.untyped_data()),
                 static_cast<const KT*>(v_cache.untyped_data()), kv_lens.typed_data(),
                 page_indices.typed_data(), cu_q_lens.typed_data(), ns,
-                static_cast<QT*>(out->untyped_data()), nullptr);
+                static_cast<QT*>(out->untyped_data()), pool_ptr);
   };
   const bool q32 = qt == ffi::DataType::F32, k32 = kt == ffi::DataType::F32;
   const bool q16 = qt == ffi::DataType::BF16, k16 = kt == ffi::DataType::BF16;
@@ -452,4 +547,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FbjaxRaggedPagedAttention, Dispatch,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("sliding_window")
-                                  .Attr<float>("soft_cap"));
+                                  .Attr<float>("soft_cap")
+                                  .Ctx<ffi::ThreadPool>());
