@@ -8,8 +8,8 @@
 // page table (a copy of each sequence's whole context per step and layer). Here the
 // K/V rows are read in place from the cache buffer.
 //
-// Work unit: one query token x one kv head (its `group` query heads together, so each
-// key and value row is loaded once for all of them). Keys are walked in blocks of
+// Work unit: one query token, all heads (a kv head's `group` query heads together, so
+// each key and value row is loaded once for all of them). Keys are walked in blocks of
 // kKeyBlock absolute positions, so a token's result depends only on its own query, its
 // position and its sequence's keys: the same alone or batched, in any bucket, prefilled
 // at once or in chunks (bitwise). Work units are independent, so they are shared
@@ -71,15 +71,15 @@ struct Problem {
 struct Scratch {
   std::vector<float> q, s, acc, m, l, alpha;
   std::vector<const void*> krows, vrows;
-  void resize(int64_t group, int64_t head_dim) {
-    q.resize(group * head_dim);
-    s.resize(group * kKeyBlock);
-    acc.resize(group * head_dim);
-    m.resize(group);
-    l.resize(group);
-    alpha.resize(group);
-    krows.resize(kKeyBlock);
-    vrows.resize(kKeyBlock);
+  void resize(int64_t q_heads, int64_t kv_heads, int64_t head_dim) {
+    q.resize(q_heads * head_dim);
+    s.resize(q_heads * kKeyBlock);
+    acc.resize(q_heads * head_dim);
+    m.resize(q_heads);
+    l.resize(q_heads);
+    alpha.resize(q_heads);
+    krows.resize(kv_heads * kKeyBlock);
+    vrows.resize(kv_heads * kKeyBlock);
   }
 };
 
@@ -302,18 +302,17 @@ float max_scalar(const float* s, int64_t n) {
 
 // ------------------------------------------------------------------------- one unit
 
-// Ask for the K/V rows of positions [from, to) (head h) ahead of use: the pages are
-// scattered, so the hardware prefetcher cannot guess the next one.
+// Ask for the K/V rows of positions [from, to) ahead of use: the pages are scattered,
+// so the hardware prefetcher cannot guess the next one.
 template <typename KT>
 inline void prefetch_rows(const Problem& pr, const KT* k_cache, const KT* v_cache,
-                          const int32_t* pages, int64_t h, int64_t from, int64_t to) {
+                          const int32_t* pages, int64_t from, int64_t to) {
   const int64_t row_stride = pr.kv_heads * pr.head_dim;
-  const int64_t row_bytes = pr.head_dim * int64_t(sizeof(KT));
+  const int64_t row_bytes = row_stride * int64_t(sizeof(KT));
   for (int64_t j = from; j < to; ++j) {
     int64_t page = pages[j / pr.page_size];
     page = std::min(std::max<int64_t>(page, 0), pr.num_pages - 1);
-    const int64_t offset = (page * pr.page_size + j % pr.page_size) * row_stride +
-                           h * pr.head_dim;
+    const int64_t offset = (page * pr.page_size + j % pr.page_size) * row_stride;
     const char* k = reinterpret_cast<const char*>(k_cache + offset);
     const char* v = reinterpret_cast<const char*>(v_cache + offset);
     for (int64_t b = 0; b < row_bytes; b += 64) {
@@ -323,96 +322,105 @@ inline void prefetch_rows(const Problem& pr, const KT* k_cache, const KT* v_cach
   }
 }
 
-// Attention of one query token (its `group` heads on kv head `h`) over keys [lo, hi).
+// Attention of one query token (all its heads) over keys [lo, hi). All kv heads of a
+// key block are done together, so each cache row (all heads) is read from memory once.
 template <typename QT, typename KT>
 void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_cache,
-            const int32_t* pages, int64_t h, int64_t lo, int64_t hi, Scratch& sc,
-            QT* out_tok) {
-  const int64_t d = pr.head_dim, group = pr.group;
+            const int32_t* pages, int64_t lo, int64_t hi, Scratch& sc, QT* out_tok) {
+  const int64_t d = pr.head_dim, group = pr.group, rows = pr.q_heads;
   const int64_t row_stride = pr.kv_heads * d;
   bool vector_path = false;
 #ifdef FBJAX_AVX2
   vector_path = d % 8 == 0;
 #endif
   float* q = sc.q.data();
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < d; ++c)
-      q[g * d + c] = to_float(q_tok[(h * group + g) * d + c]) * pr.sm_scale;
+  for (int64_t i = 0; i < rows * d; ++i) q[i] = to_float(q_tok[i]) * pr.sm_scale;
   float* acc = sc.acc.data();
   float* m = sc.m.data();
   float* l = sc.l.data();
   float* alpha = sc.alpha.data();
-  std::fill(acc, acc + group * d, 0.0f);
-  std::fill(m, m + group, kNegInf);
-  std::fill(l, l + group, 0.0f);
+  std::fill(acc, acc + rows * d, 0.0f);
+  std::fill(m, m + rows, kNegInf);
+  std::fill(l, l + rows, 0.0f);
 
   for (int64_t block = lo / kKeyBlock * kKeyBlock; block < hi; block += kKeyBlock) {
     const int64_t j0 = std::max(lo, block), j1 = std::min(hi, block + kKeyBlock);
     const int64_t n = j1 - j0;
-    const void** krows = sc.krows.data();
+    const void** krows = sc.krows.data();  // [kv_heads][kKeyBlock]
     const void** vrows = sc.vrows.data();
     for (int64_t j = j0; j < j1;) {  // row addresses, a page at a time
       int64_t page = pages[j / pr.page_size];
       page = std::min(std::max<int64_t>(page, 0), pr.num_pages - 1);
       const int64_t in_page = j % pr.page_size;
       const int64_t stop = std::min(j1, j - in_page + pr.page_size);
-      const int64_t base = (page * pr.page_size + in_page) * row_stride + h * d;
-      for (int64_t i = 0; i < stop - j; ++i) {
-        krows[j - j0 + i] = k_cache + base + i * row_stride;
-        vrows[j - j0 + i] = v_cache + base + i * row_stride;
+      const int64_t base = (page * pr.page_size + in_page) * row_stride;
+      for (int64_t h = 0; h < pr.kv_heads; ++h) {
+        for (int64_t i = 0; i < stop - j; ++i) {
+          krows[h * kKeyBlock + j - j0 + i] = k_cache + base + i * row_stride + h * d;
+          vrows[h * kKeyBlock + j - j0 + i] = v_cache + base + i * row_stride + h * d;
+        }
       }
       j = stop;
     }
-    for (int64_t j = n; j < (n + 7) / 8 * 8; ++j) krows[j] = krows[n - 1];  // pad lanes
-    prefetch_rows(pr, k_cache, v_cache, pages, h, j1, std::min(hi, j1 + kKeyBlock));
-    float* s = sc.s.data();
+    for (int64_t h = 0; h < pr.kv_heads; ++h)  // pad lanes
+      for (int64_t j = n; j < (n + 7) / 8 * 8; ++j)
+        krows[h * kKeyBlock + j] = krows[h * kKeyBlock + n - 1];
+    prefetch_rows(pr, k_cache, v_cache, pages, j1, std::min(hi, j1 + kKeyBlock));
+    for (int64_t h = 0; h < pr.kv_heads; ++h) {
+      const float* qh = q + h * group * d;
+      float* s = sc.s.data() + h * group * kKeyBlock;
+      const void* const* kh = krows + h * kKeyBlock;
 #ifdef FBJAX_AVX2
-    if (vector_path) {
-      switch (d) {  // the common head sizes get unrolled code
-        case 32: scores_avx2<KT, 32>(q, group, d, krows, n, s); break;
-        case 64: scores_avx2<KT, 64>(q, group, d, krows, n, s); break;
-        case 128: scores_avx2<KT, 128>(q, group, d, krows, n, s); break;
-        default: scores_avx2<KT, 0>(q, group, d, krows, n, s); break;
+      if (vector_path) {
+        switch (d) {  // the common head sizes get unrolled code
+          case 32: scores_avx2<KT, 32>(qh, group, d, kh, n, s); break;
+          case 64: scores_avx2<KT, 64>(qh, group, d, kh, n, s); break;
+          case 128: scores_avx2<KT, 128>(qh, group, d, kh, n, s); break;
+          default: scores_avx2<KT, 0>(qh, group, d, kh, n, s); break;
+        }
       }
-    }
 #endif
-    if (!vector_path) scores_scalar<KT>(q, group, d, krows, n, s);
-    for (int64_t g = 0; g < group; ++g) {
-      float* sg = s + g * kKeyBlock;
+      if (!vector_path) scores_scalar<KT>(qh, group, d, kh, n, s);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = sc.s.data() + r * kKeyBlock;
       if (pr.soft_cap > 0.0f)
-        for (int64_t j = 0; j < n; ++j) sg[j] = pr.soft_cap * std::tanh(sg[j] / pr.soft_cap);
+        for (int64_t j = 0; j < n; ++j) sr[j] = pr.soft_cap * std::tanh(sr[j] / pr.soft_cap);
       float block_max = kNegInf, total = 0.0f;
 #ifdef FBJAX_AVX2
-      if (vector_path) block_max = max_avx2(sg, n);
+      if (vector_path) block_max = max_avx2(sr, n);
 #endif
-      if (!vector_path) block_max = max_scalar(sg, n);
-      const float m_new = std::max(m[g], block_max);
+      if (!vector_path) block_max = max_scalar(sr, n);
+      const float m_new = std::max(m[r], block_max);
       // m_new is finite unless the scores are; exp(-inf) = 0 on the first block
-      alpha[g] = std::exp(m[g] - m_new);
+      alpha[r] = std::exp(m[r] - m_new);
 #ifdef FBJAX_AVX2
-      if (vector_path) total = exp_avx2(sg, n, m_new);
+      if (vector_path) total = exp_avx2(sr, n, m_new);
 #endif
-      if (!vector_path) total = exp_scalar(sg, n, m_new);
-      l[g] = l[g] * alpha[g] + total;
-      m[g] = m_new;
+      if (!vector_path) total = exp_scalar(sr, n, m_new);
+      l[r] = l[r] * alpha[r] + total;
+      m[r] = m_new;
     }
+    for (int64_t h = 0; h < pr.kv_heads; ++h) {
+      const float* p = sc.s.data() + h * group * kKeyBlock;
+      const void* const* vh = vrows + h * kKeyBlock;
+      float* acc_h = acc + h * group * d;
 #ifdef FBJAX_AVX2
-    if (vector_path) pv_avx2<KT>(s, alpha, vrows, n, group, d, acc);
+      if (vector_path) pv_avx2<KT>(p, alpha + h * group, vh, n, group, d, acc_h);
 #endif
-    if (!vector_path) pv_scalar<KT>(s, alpha, vrows, n, group, d, acc);
+      if (!vector_path) pv_scalar<KT>(p, alpha + h * group, vh, n, group, d, acc_h);
+    }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-    for (int64_t c = 0; c < d; ++c)
-      store(acc[g * d + c] * inv, out_tok + (h * group + g) * d + c);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int64_t c = 0; c < d; ++c) store(acc[r * d + c] * inv, out_tok + r * d + c);
   }
 }
 
 // --------------------------------------------------------------------------- a batch
 
-struct Unit {  // one query token of one sequence, one kv head
-  int32_t seq, token, head;
-  int64_t lo, hi;
+struct Unit {  // one query token of one sequence
+  int64_t seq, token, lo, hi;
 };
 
 // Units handed out in chunks from a shared counter; lives as long as the last task.
@@ -446,8 +454,7 @@ void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
       const int64_t lo = pr.window >= 0 ? std::max<int64_t>(0, pos - pr.window + 1) : 0;
       if (hi <= lo) continue;  // sees no key: zeros, as the reference
       pairs += (hi - lo) * pr.q_heads;
-      for (int64_t h = 0; h < pr.kv_heads; ++h)
-        queue->units.push_back({int32_t(s), int32_t(t), int32_t(h), lo, hi});
+      queue->units.push_back({s, t, lo, hi});
     }
   }
   const int64_t total = int64_t(queue->units.size());
@@ -460,7 +467,7 @@ void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
   // starts after the caller returned finds no unit left and touches no buffer.
   auto worker = [queue, pr, q, k_cache, v_cache, page_indices, out, row]() {
     thread_local Scratch scratch;
-    scratch.resize(pr.group, pr.head_dim);
+    scratch.resize(pr.q_heads, pr.kv_heads, pr.head_dim);
     const int64_t total = int64_t(queue->units.size());
     for (;;) {
       const int64_t first = queue->next.fetch_add(queue->chunk);
@@ -469,8 +476,8 @@ void run(const Problem& pr, const QT* q, const KT* k_cache, const KT* v_cache,
       for (int64_t i = first; i < last; ++i) {
         const Unit& u = queue->units[i];
         attend<QT, KT>(pr, q + u.token * row, k_cache, v_cache,
-                       page_indices + int64_t(u.seq) * pr.pages_per_seq, u.head, u.lo,
-                       u.hi, scratch, out + u.token * row);
+                       page_indices + u.seq * pr.pages_per_seq, u.lo, u.hi, scratch,
+                       out + u.token * row);
       }
       queue->done.fetch_add(last - first, std::memory_order_acq_rel);
     }
