@@ -28,6 +28,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FBJAX_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#define FBJAX_AVX512 1
+#endif
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -257,6 +261,157 @@ float max_avx2(const float* s, int64_t n) {
 }
 #endif  // FBJAX_AVX2
 
+#ifdef FBJAX_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) for x <= 0, as exp8 on sixteen lanes.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  __m512i n = _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127));
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
+  return _mm512_maskz_mov_ps(live, y);
+}
+
+float exp_avx512(float* s, int64_t n, float m) {
+  const int64_t padded = (n + 15) / 16 * 16;  // <= kKeyBlock
+  for (int64_t j = n; j < padded; ++j) s[j] = kNegInf;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 16) {
+    __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+    _mm512_storeu_ps(s + j, p);
+    total = _mm512_add_ps(total, p);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+float max_avx512(const float* s, int64_t n) {
+  __m512 mv = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), in, s + j));
+  }
+  return _mm512_reduce_max_ps(mv);
+}
+
+constexpr int64_t kMaxPairChunks = 32;  // head_dim <= 256 for scores_avx512
+
+// Scores of two query rows against eight keys: each zmm lane pair holds (row, dims c..c+8)
+// times the key broadcast to both rows, so a dot product needs half the FMAs of the
+// AVX2 code; three shuffle levels then finish all sixteen sums at once.
+template <typename KT, int kD>
+void scores_avx512(const float* q, int64_t group, int64_t head_dim, const void* const* rows,
+                   int64_t n, float* s) {
+  const int64_t d = kD > 0 ? kD : head_dim;
+  const int64_t chunks = d / 8;
+  // keys in the order that makes the reduction below come out sorted
+  static constexpr int kOrder[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+  for (int64_t g = 0; g + 2 <= group; g += 2) {
+    const float* q0 = q + g * d;
+    const float* q1 = q0 + d;
+    float* s0 = s + g * kKeyBlock;
+    float* s1 = s0 + kKeyBlock;
+    __m512 qc[kD > 0 ? kD / 8 : kMaxPairChunks];  // [row0 dims c..c+8 | row1 dims c..c+8]
+    for (int64_t c = 0; c < chunks; ++c)
+      qc[c] = _mm512_insertf32x8(_mm512_castps256_ps512(load8(q0 + 8 * c)), load8(q1 + 8 * c),
+                                 1);
+    for (int64_t j = 0; j < n; j += 8) {
+      const KT* k[8];
+      for (int u = 0; u < 8; ++u) k[u] = static_cast<const KT*>(rows[j + kOrder[u]]);
+      __m512 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int u = 0; u < 8; ++u)
+          a[u] = _mm512_fmadd_ps(qc[c], _mm512_broadcast_f32x8(load8(k[u] + 8 * c)), a[u]);
+      // a[u] = [row0 partial sums (8) | row1 partial sums (8)]
+      __m512 b[4];
+      for (int i = 0; i < 4; ++i)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xdd));
+      __m512 c2[2];
+      for (int i = 0; i < 2; ++i)
+        c2[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                              _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
+      const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(c2[0], c2[1], 0x88),
+                                     _mm512_shuffle_ps(c2[0], c2[1], 0xdd));
+      // r = [row0 keys 0-3 | row1 keys 0-3 | row0 keys 4-7 | row1 keys 4-7]
+      _mm_storeu_ps(s0 + j, _mm512_castps512_ps128(r));
+      _mm_storeu_ps(s1 + j, _mm512_extractf32x4_ps(r, 1));
+      _mm_storeu_ps(s0 + j + 4, _mm512_extractf32x4_ps(r, 2));
+      _mm_storeu_ps(s1 + j + 4, _mm512_extractf32x4_ps(r, 3));
+    }
+  }
+}
+
+// As pv_block on sixteen lanes.
+template <typename VT, int RB, int CB>
+void pv_block512(const float* p, const float* alpha, const void* const* rows, int64_t n,
+                 int64_t offset, int64_t d, float* acc) {
+  __m512 a[RB][CB];
+  for (int r = 0; r < RB; ++r) {
+    const __m512 al = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < CB; ++c)
+      a[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + r * d + offset + 16 * c));
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const VT* v = static_cast<const VT*>(rows[j]) + offset;
+    __m512 vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = load16(v + 16 * c);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * kKeyBlock + j]);
+      for (int c = 0; c < CB; ++c) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < CB; ++c) _mm512_storeu_ps(acc + r * d + offset + 16 * c, a[r][c]);
+}
+
+template <typename VT, int RB>
+void pv_rows512(const float* p, const float* alpha, const void* const* rows, int64_t n,
+                int64_t d, float* acc) {
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) pv_block512<VT, RB, 4>(p, alpha, rows, n, c, d, acc);
+  switch ((d - c) / 16) {
+    case 3: pv_block512<VT, RB, 3>(p, alpha, rows, n, c, d, acc); break;
+    case 2: pv_block512<VT, RB, 2>(p, alpha, rows, n, c, d, acc); break;
+    case 1: pv_block512<VT, RB, 1>(p, alpha, rows, n, c, d, acc); break;
+    default: break;
+  }
+}
+
+// head_dim % 16 == 0
+template <typename VT>
+void pv_avx512(const float* p, const float* alpha, const void* const* rows, int64_t n,
+               int64_t group, int64_t d, float* acc) {
+  int64_t g = 0;
+  for (; g + 4 <= group; g += 4)
+    pv_rows512<VT, 4>(p + g * kKeyBlock, alpha + g, rows, n, d, acc + g * d);
+  const float* pg = p + g * kKeyBlock;
+  switch (group - g) {
+    case 3: pv_rows512<VT, 3>(pg, alpha + g, rows, n, d, acc + g * d); break;
+    case 2: pv_rows512<VT, 2>(pg, alpha + g, rows, n, d, acc + g * d); break;
+    case 1: pv_rows512<VT, 1>(pg, alpha + g, rows, n, d, acc + g * d); break;
+    default: break;
+  }
+}
+#endif  // FBJAX_AVX512
+
 template <typename KT>
 void scores_scalar(const float* q, int64_t group, int64_t d, const void* const* rows,
                    int64_t n, float* s) {
@@ -322,6 +477,87 @@ inline void prefetch_rows(const Problem& pr, const KT* k_cache, const KT* v_cach
   }
 }
 
+// The code paths of one build for one problem; fixed per (build, head_dim, group), so a
+// token's result never depends on the batch around it.
+struct Paths {
+  bool vec8 = false;    // AVX2 dot products and PV (head_dim % 8 == 0)
+  bool vec16 = false;   // AVX-512 PV (head_dim % 16 == 0)
+  bool pairs16 = false; // AVX-512 scores, two query rows per zmm (even group)
+  bool soft = false;    // vector softmax
+  Paths(int64_t head_dim, int64_t group) {
+#ifdef FBJAX_AVX2
+    vec8 = head_dim % 8 == 0;
+    soft = true;
+#endif
+#ifdef FBJAX_AVX512
+    vec16 = head_dim % 16 == 0;
+    pairs16 = vec8 && group % 2 == 0 && head_dim <= 8 * kMaxPairChunks;
+#endif
+    (void)head_dim;
+    (void)group;
+  }
+};
+
+template <typename KT>
+void scores(const Paths& paths, const float* q, int64_t group, int64_t d,
+            const void* const* rows, int64_t n, float* s) {
+#ifdef FBJAX_AVX512
+  if (paths.pairs16) {
+    switch (d) {  // the common head sizes get unrolled code
+      case 32: return scores_avx512<KT, 32>(q, group, d, rows, n, s);
+      case 64: return scores_avx512<KT, 64>(q, group, d, rows, n, s);
+      case 128: return scores_avx512<KT, 128>(q, group, d, rows, n, s);
+      default: return scores_avx512<KT, 0>(q, group, d, rows, n, s);
+    }
+  }
+#endif
+#ifdef FBJAX_AVX2
+  if (paths.vec8) {
+    switch (d) {
+      case 32: return scores_avx2<KT, 32>(q, group, d, rows, n, s);
+      case 64: return scores_avx2<KT, 64>(q, group, d, rows, n, s);
+      case 128: return scores_avx2<KT, 128>(q, group, d, rows, n, s);
+      default: return scores_avx2<KT, 0>(q, group, d, rows, n, s);
+    }
+  }
+#endif
+  (void)paths;
+  scores_scalar<KT>(q, group, d, rows, n, s);
+}
+
+inline float row_max(const Paths& paths, const float* s, int64_t n) {
+#ifdef FBJAX_AVX512
+  if (paths.soft) return max_avx512(s, n);
+#elif defined(FBJAX_AVX2)
+  if (paths.soft) return max_avx2(s, n);
+#endif
+  (void)paths;
+  return max_scalar(s, n);
+}
+
+inline float row_exp(const Paths& paths, float* s, int64_t n, float m) {
+#ifdef FBJAX_AVX512
+  if (paths.soft) return exp_avx512(s, n, m);
+#elif defined(FBJAX_AVX2)
+  if (paths.soft) return exp_avx2(s, n, m);
+#endif
+  (void)paths;
+  return exp_scalar(s, n, m);
+}
+
+template <typename VT>
+void pv(const Paths& paths, const float* p, const float* alpha, const void* const* rows,
+        int64_t n, int64_t group, int64_t d, float* acc) {
+#ifdef FBJAX_AVX512
+  if (paths.vec16) return pv_avx512<VT>(p, alpha, rows, n, group, d, acc);
+#endif
+#ifdef FBJAX_AVX2
+  if (paths.vec8) return pv_avx2<VT>(p, alpha, rows, n, group, d, acc);
+#endif
+  (void)paths;
+  pv_scalar<VT>(p, alpha, rows, n, group, d, acc);
+}
+
 // Attention of one query token (all its heads) over keys [lo, hi). All kv heads of a
 // key block are done together, so each cache row (all heads) is read from memory once.
 template <typename QT, typename KT>
@@ -329,10 +565,7 @@ void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_c
             const int32_t* pages, int64_t lo, int64_t hi, Scratch& sc, QT* out_tok) {
   const int64_t d = pr.head_dim, group = pr.group, rows = pr.q_heads;
   const int64_t row_stride = pr.kv_heads * d;
-  bool vector_path = false;
-#ifdef FBJAX_AVX2
-  vector_path = d % 8 == 0;
-#endif
+  const Paths paths(d, group);
   float* q = sc.q.data();
   for (int64_t i = 0; i < rows * d; ++i) q[i] = to_float(q_tok[i]) * pr.sm_scale;
   float* acc = sc.acc.data();
@@ -369,46 +602,23 @@ void attend(const Problem& pr, const QT* q_tok, const KT* k_cache, const KT* v_c
     for (int64_t h = 0; h < pr.kv_heads; ++h) {
       const float* qh = q + h * group * d;
       float* s = sc.s.data() + h * group * kKeyBlock;
-      const void* const* kh = krows + h * kKeyBlock;
-#ifdef FBJAX_AVX2
-      if (vector_path) {
-        switch (d) {  // the common head sizes get unrolled code
-          case 32: scores_avx2<KT, 32>(qh, group, d, kh, n, s); break;
-          case 64: scores_avx2<KT, 64>(qh, group, d, kh, n, s); break;
-          case 128: scores_avx2<KT, 128>(qh, group, d, kh, n, s); break;
-          default: scores_avx2<KT, 0>(qh, group, d, kh, n, s); break;
-        }
-      }
-#endif
-      if (!vector_path) scores_scalar<KT>(qh, group, d, kh, n, s);
+      scores<KT>(paths, qh, group, d, krows + h * kKeyBlock, n, s);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = sc.s.data() + r * kKeyBlock;
       if (pr.soft_cap > 0.0f)
         for (int64_t j = 0; j < n; ++j) sr[j] = pr.soft_cap * std::tanh(sr[j] / pr.soft_cap);
-      float block_max = kNegInf, total = 0.0f;
-#ifdef FBJAX_AVX2
-      if (vector_path) block_max = max_avx2(sr, n);
-#endif
-      if (!vector_path) block_max = max_scalar(sr, n);
-      const float m_new = std::max(m[r], block_max);
+      const float m_new = std::max(m[r], row_max(paths, sr, n));
       // m_new is finite unless the scores are; exp(-inf) = 0 on the first block
       alpha[r] = std::exp(m[r] - m_new);
-#ifdef FBJAX_AVX2
-      if (vector_path) total = exp_avx2(sr, n, m_new);
-#endif
-      if (!vector_path) total = exp_scalar(sr, n, m_new);
+      const float total = row_exp(paths, sr, n, m_new);
       l[r] = l[r] * alpha[r] + total;
       m[r] = m_new;
     }
     for (int64_t h = 0; h < pr.kv_heads; ++h) {
       const float* p = sc.s.data() + h * group * kKeyBlock;
       const void* const* vh = vrows + h * kKeyBlock;
-      float* acc_h = acc + h * group * d;
-#ifdef FBJAX_AVX2
-      if (vector_path) pv_avx2<KT>(p, alpha + h * group, vh, n, group, d, acc_h);
-#endif
-      if (!vector_path) pv_scalar<KT>(p, alpha + h * group, vh, n, group, d, acc_h);
+      pv<KT>(paths, p, alpha + h * group, vh, n, group, d, acc + h * group * d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -47,6 +47,8 @@ BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
 ISAS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "generic": ((), frozenset()),
     "avx2": (("-mavx2", "-mfma"), frozenset({"avx2", "fma"})),
+    "avx512": (("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"),
+               frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"})),
 }
 
 
