@@ -118,7 +118,19 @@ def _library_path(cxx: str, flags: tuple[str, ...], source: Path) -> Path:
 
 
 def build(isa: str, source: Path = SOURCE) -> Path:
-    """The compiled library of ``source`` for ``isa``; compiled if not cached."""
+    """The compiled library of ``source`` for ``isa``; compiled if not cached.
+
+    Any failure (no compiler, compile error, unwritable cache directory) is a
+    :class:`BuildError` that says what to do."""
+    try:
+        return _build(isa, source)
+    except OSError as e:
+        raise BuildError(f"cannot build {source.name} into {cache_dir()} ({e}); set "
+                         f"$FBJAX_FFI_CACHE to a writable directory or $CXX to a working "
+                         f"C++ compiler") from e
+
+
+def _build(isa: str, source: Path) -> Path:
     cxx = _compiler()
     flags = BASE_FLAGS + ISAS[isa][0]
     lib = _library_path(cxx, flags, source)

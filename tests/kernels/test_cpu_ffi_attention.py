@@ -288,6 +288,14 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
         cpu_ffi.build("generic")
 
 
+def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("FBJAX_FFI_CACHE", str(blocker / "cache"))  # under a regular file
+    with pytest.raises(cpu_ffi.BuildError, match="FBJAX_FFI_CACHE"):
+        cpu_ffi.build("generic")
+
+
 def test_forced_isa(monkeypatch):
     monkeypatch.setenv("FBJAX_FFI_ISA", "generic")
     assert cpu_ffi.default_isa() == "generic"
