@@ -88,8 +88,9 @@ struct Scratch {
 };
 
 // ---------------------------------------------------------------------------- kernels
-// Each step below has a portable scalar version and, for head_dim % 8 == 0 on AVX2+FMA
-// builds, a vector one. A build and a head_dim always take the same path.
+// Each step (scores, softmax, P @ V) has a portable scalar version, an AVX2+FMA one
+// (head_dim % 8 == 0) and, where it pays, an AVX-512 one; cpu_ffi.py compiles one build
+// per ISA level. `Paths` picks per (build, head_dim, group), never per batch.
 
 #ifdef FBJAX_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
