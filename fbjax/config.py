@@ -155,7 +155,7 @@ class EngineConfig:
     """Everything the engine needs; ``model=None`` means the built-in model."""
 
     model: str | None = None
-    attention_impl: str = "auto"  # "xla" on CPU, "reference" elsewhere; see kernels
+    attention_impl: str = "auto"  # "cpu_ffi" on CPU, "reference" elsewhere; see kernels
     dtype: str = "float32"
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     buckets: BucketConfig = dataclasses.field(default_factory=BucketConfig)

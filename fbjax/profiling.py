@@ -465,6 +465,8 @@ def engine_metadata(engine) -> dict[str, Any]:
     import jax
     import jaxlib
 
+    from kernels.ragged_paged_attention import resolve_impl
+
     config = engine.config
     mc = engine.model_config
     return {
@@ -476,7 +478,7 @@ def engine_metadata(engine) -> dict[str, Any]:
             "num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
             "head_dim", "vocab_size")},
         "dtype": config.dtype,
-        "attention_impl": config.attention_impl,
+        "attention_impl": resolve_impl(config.attention_impl),
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         "token_buckets": list(config.buckets.token_buckets),

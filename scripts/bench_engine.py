@@ -15,6 +15,9 @@ Prompts are random, of uniform random length in [--min_prompt, --max_prompt]; gr
 fbjax start-up compilation and one small warm-up call of each are not timed; the best
 of ``--repeats`` runs is reported.
 
+With ``--attention_impls xla,cpu_ffi`` one engine per attention implementation is
+built and they are timed interleaved with HF in the same run (rows per implementation).
+
     python scripts/bench_engine.py [--concurrency 1,8,32] [--output_len 128]
 """
 
@@ -40,6 +43,8 @@ flags.DEFINE_integer("min_prompt", 32, "Shortest prompt (tokens).")
 flags.DEFINE_integer("max_prompt", 256, "Longest prompt (tokens).")
 flags.DEFINE_integer("repeats", 2, "Timed runs per setting; the best is reported.")
 flags.DEFINE_integer("seed", 0, "Seed for prompts and weights.")
+flags.DEFINE_list("attention_impls", ["auto"], "Attention implementations to compare "
+                  "(one engine each, timed interleaved).")
 
 PAD = 258
 
@@ -111,35 +116,45 @@ def main(argv):
         hf_model = build_hf_checkpoint(Path(tmp), FLAGS.seed)
         config = load_hf_config(tmp)
         loaded = LoadedModel(config, load_hf_params(tmp, config, jnp.float32), ByteTokenizer())
-    start = time.perf_counter()
-    engine = LLMEngine(dataclasses.replace(EngineConfig(), show_progress=False), loaded=loaded)
-    print(f"fbjax start-up: {time.perf_counter() - start:.1f} s, "
-          f"{len(engine.runner.executables)} executables")
+    engines = {}
+    for impl in FLAGS.attention_impls:
+        start = time.perf_counter()
+        engines[impl] = LLMEngine(dataclasses.replace(EngineConfig(), show_progress=False,
+                                                      attention_impl=impl), loaded=loaded)
+        print(f"fbjax[{impl}] start-up: {time.perf_counter() - start:.1f} s, "
+              f"{len(engines[impl].runner.executables)} executables")
     lo, hi = (int(x) for x in FLAGS.varied_output)
 
     rows = []
     for n in (int(c) for c in FLAGS.concurrency):
         prompts = [[256] + [rng.randrange(32, 127) for _ in range(
             rng.randint(FLAGS.min_prompt, FLAGS.max_prompt) - 1)] for _ in range(n)]
-        time_fbjax(engine, prompts[:1], [4])  # warm caches; nothing compiles here
+        for engine in engines.values():
+            time_fbjax(engine, prompts[:1], [4])  # warm caches; nothing compiles here
         time_hf(hf_model, prompts[:1], [4])
         workloads = {"fixed": [FLAGS.output_len] * n,
                      "varied": [rng.randint(lo, hi) for _ in range(n)]}
         for name, lens in workloads.items():
-            fb = min(time_fbjax(engine, prompts, lens) for _ in range(FLAGS.repeats))
-            hf = min(time_hf(hf_model, prompts, lens) for _ in range(FLAGS.repeats))
+            fb = {impl: float("inf") for impl in engines}
+            hf = float("inf")
+            for _ in range(FLAGS.repeats):  # interleaved: noise hits every variant alike
+                for impl, engine in engines.items():
+                    fb[impl] = min(fb[impl], time_fbjax(engine, prompts, lens))
+                hf = min(hf, time_hf(hf_model, prompts, lens))
             tokens = sum(lens)
-            rows.append((n, name, tokens / fb, tokens / hf))
-            print(f"  {n:3d} requests, {name:6s} outputs: fbjax {tokens / fb:8.1f} tok/s   "
-                  f"HF {tokens / hf:8.1f} tok/s   ratio {hf / fb:5.2f}x", flush=True)
+            for impl, seconds in fb.items():
+                rows.append((n, name, impl, tokens / seconds, tokens / hf))
+                print(f"  {n:3d} requests, {name:6s} outputs: fbjax[{impl}] "
+                      f"{tokens / seconds:8.1f} tok/s   HF {tokens / hf:8.1f} tok/s   "
+                      f"ratio {hf / seconds:5.2f}x", flush=True)
 
-    print("\n| concurrent requests | output lengths | fbjax out tok/s | HF generate out tok/s "
-          "| fbjax / HF |")
-    print("|---:|---|---:|---:|---:|")
-    for n, name, fb, hf in rows:
+    print("\n| concurrent requests | output lengths | attention | fbjax out tok/s "
+          "| HF generate out tok/s | fbjax / HF |")
+    print("|---:|---|---|---:|---:|---:|")
+    for n, name, impl, fb, hf in rows:
         desc = (f"fixed {FLAGS.output_len}" if name == "fixed"
                 else f"uniform {lo}-{hi}")
-        print(f"| {n} | {desc} | {fb:.1f} | {hf:.1f} | {fb / hf:.2f}x |")
+        print(f"| {n} | {desc} | {impl} | {fb:.1f} | {hf:.1f} | {fb / hf:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ finely:
    for the sampled tokens, ``on_step_done`` and output collection are timed per step,
    and device time per bucket.
 2. **Attention share, CPU time**: every step of the ``--buckets`` buckets captured in
-   (1) is replayed through the full step (donated cache) and through the same step with
-   attention replaced by the identity; ``time.process_time`` counts all XLA threads and
-   ignores time spent descheduled, so the difference is the attention's own work.
+   (1) is replayed through the full step (donated cache), through the same step with
+   attention replaced by the identity, and with each ``--compare_impls``
+   implementation; ``time.process_time`` counts all XLA threads and ignores time spent
+   descheduled, so the difference is the attention's own work (wall time is shown too).
 
     python scripts/profile_engine_step.py [--concurrency 32] [--output_len 128]
 """
@@ -36,7 +37,9 @@ flags.DEFINE_integer("output_len", 128, "Tokens generated per request (EOS ignor
 flags.DEFINE_integer("min_prompt", 32, "Shortest prompt (tokens).")
 flags.DEFINE_integer("max_prompt", 256, "Longest prompt (tokens).")
 flags.DEFINE_list("buckets", ["32x32", "256x32"], "Buckets (TOKENSxSEQS) replayed in (2).")
-flags.DEFINE_integer("replays", 4, "Replays per variant in (2); the least CPU time is kept.")
+flags.DEFINE_integer("replays", 4, "Replays per variant in (2); the least time is kept.")
+flags.DEFINE_list("compare_impls", [], "Other attention implementations to replay in (2), "
+                  "e.g. xla.")
 flags.DEFINE_integer("seed", 0, "Seed for prompts.")
 
 
@@ -101,35 +104,48 @@ def profile_phases(engine, prompts, params) -> list:
 
 
 def attention_share(engine, batches) -> None:
-    """CPU time of the replayed steps with and without attention."""
+    """CPU and wall time of the replayed steps with and without attention, and with
+    each implementation in ``--compare_impls``; variants interleaved per replay."""
     import jax
 
     from fbjax.engine.runner import make_step_fn
     from fbjax.model.llama import LlamaForCausalLM
+    from kernels.ragged_paged_attention import get_attention, resolve_impl
 
     runner = engine.runner
-    variants = {"full step": runner.model.attention_fn,
-                "attention = identity": lambda q, *args, **kwargs: q}
+    variants = {f"full step ({resolve_impl(engine.config.attention_impl)})":
+                runner.model.attention_fn}
+    for impl in FLAGS.compare_impls:
+        variants[f"full step ({impl})"] = get_attention(impl)
+    variants["attention = identity"] = lambda q, *args, **kwargs: q
     kv = runner.kv_cache
-    best = {}
+    steps = {}
     for name, attention_fn in variants.items():
         model = LlamaForCausalLM(engine.model_config, attention_fn, runner.model.dtype)
-        step = jax.jit(make_step_fn(model), donate_argnums=(1,))
+        steps[name] = jax.jit(make_step_fn(model), donate_argnums=(1,))
         for batch in batches:  # compile every shape outside the timing
-            tokens, kv = step(runner.params, kv, batch)
-        jax.block_until_ready(tokens)
-        best[name] = float("inf")
-        for _ in range(FLAGS.replays):
-            start = time.process_time()
+            tokens, kv = steps[name](runner.params, kv, batch)
+    jax.block_until_ready(tokens)
+    cpu = dict.fromkeys(variants, float("inf"))
+    wall = dict.fromkeys(variants, float("inf"))
+    for _ in range(FLAGS.replays):
+        for name, step in steps.items():
+            start, start_wall = time.process_time(), time.perf_counter()
             for batch in batches:
                 tokens, kv = step(runner.params, kv, batch)
             jax.block_until_ready(tokens)
-            best[name] = min(best[name], time.process_time() - start)
+            cpu[name] = min(cpu[name], time.process_time() - start)
+            wall[name] = min(wall[name], time.perf_counter() - start_wall)
     runner.kv_cache = kv
-    full, rest = best["full step"], best["attention = identity"]
-    print(f"(2) {len(batches)} replayed steps, CPU time: full {full * 1e3:.1f} ms, without "
-          f"attention {rest * 1e3:.1f} ms -> attention {(full - rest) * 1e3:.1f} ms "
-          f"({(full - rest) / full:.0%})")
+    rest_cpu, rest_wall = cpu["attention = identity"], wall["attention = identity"]
+    print(f"(2) {len(batches)} replayed steps (least of {FLAGS.replays} replays):")
+    for name in variants:
+        line = f"    {name:28s} CPU {cpu[name] * 1e3:7.1f} ms  wall {wall[name] * 1e3:7.1f} ms"
+        if name != "attention = identity":
+            line += (f"  -> attention CPU {(cpu[name] - rest_cpu) * 1e3:6.1f} ms "
+                     f"({(cpu[name] - rest_cpu) / cpu[name]:.0%}), wall "
+                     f"{(wall[name] - rest_wall) * 1e3:6.1f} ms")
+        print(line)
 
 
 def main(argv):

@@ -33,7 +33,7 @@ from fbjax.model.weights import (  # noqa: E402
     restore_params,
     save_params,
 )
-from kernels.ragged_paged_attention import reference_attention  # noqa: E402
+from kernels.ragged_paged_attention import get_attention  # noqa: E402
 
 PAGE_SIZE = 4
 NUM_PAGES = 24
@@ -96,10 +96,11 @@ _STEPS: dict[str, object] = {}
 class PagedRunner:
     """One sequence through our model over a paged cache with a shuffled page table."""
 
-    def __init__(self, config: ModelConfig, params, seed: int = 0):
+    def __init__(self, config: ModelConfig, params, seed: int = 0,
+                 attention_impl: str = "reference"):
         self.config = config
         self.params = params
-        self.model = LlamaForCausalLM(config, reference_attention)
+        self.model = LlamaForCausalLM(config, get_attention(attention_impl))
         rng = np.random.default_rng(seed)
         self.page_table = rng.permutation(NUM_PAGES)[:PAGES_PER_SEQ].astype(np.int32)
         assert not np.all(np.diff(self.page_table) == 1)
@@ -107,7 +108,7 @@ class PagedRunner:
         self.cache = tuple((jnp.zeros(shape), jnp.zeros(shape))
                            for _ in range(config.num_layers))
         self.length = 0
-        key = repr(config)  # one jitted step per model shape, shared by all runners
+        key = (repr(config), attention_impl)  # one jitted step per model and attention
         if key not in _STEPS:
             model = self.model
 
@@ -162,6 +163,9 @@ def variant(request, tmp_path_factory):
 
 # ---------------------------------------------------------------- parity
 
+# The jnp reference and the CPU path's C++ kernel (the one ``auto`` picks on CPU).
+ATTENTION_IMPLS = ["reference", "cpu_ffi"]
+
 
 def test_config_mapping(variant):
     config, hf_cfg = variant["config"], variant["hf"].config
@@ -181,22 +185,24 @@ def test_config_mapping(variant):
     assert ("lm_head" in variant["params"]) == (not config.tie_word_embeddings)
 
 
-def test_prefill_logits_match_hf(variant):
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_prefill_logits_match_hf(variant, impl):
     prompt = variant["prompt"]
     want = hf_logits(variant["hf"], prompt)
-    got = PagedRunner(variant["config"], variant["params"]).feed(prompt)
+    got = PagedRunner(variant["config"], variant["params"], attention_impl=impl).feed(prompt)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     # The same prompt in two chunks (the second sees the first through the cache); the
     # chunk boundary (10) is not a page boundary (4), so a page is shared by both chunks.
-    runner = PagedRunner(variant["config"], variant["params"], seed=5)
+    runner = PagedRunner(variant["config"], variant["params"], seed=5, attention_impl=impl)
     half = PROMPT_LEN // 2
     chunked = np.concatenate([runner.feed(prompt[:half]), runner.feed(prompt[half:])])
     np.testing.assert_allclose(chunked, want, atol=ATOL, rtol=0)
 
 
-def test_decode_logits_match_hf(variant):
-    runner = PagedRunner(variant["config"], variant["params"])
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_decode_logits_match_hf(variant, impl):
+    runner = PagedRunner(variant["config"], variant["params"], attention_impl=impl)
     tokens = list(variant["prompt"])
     runner.feed(tokens)
     for _ in range(DECODE_STEPS):
@@ -207,7 +213,8 @@ def test_decode_logits_match_hf(variant):
                                    err_msg=f"decode step at position {len(tokens) - 1}")
 
 
-def test_greedy_generation_matches_hf_generate(variant):
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_greedy_generation_matches_hf_generate(variant, impl):
     prompt = variant["prompt"]
     hf_model = variant["hf"]
     hf_model.generation_config.eos_token_id = None
@@ -217,7 +224,7 @@ def test_greedy_generation_matches_hf_generate(variant):
                                 dtype=torch.long), do_sample=False, max_new_tokens=GEN_TOKENS,
                                 min_new_tokens=GEN_TOKENS)
     want = out[0, len(prompt):].tolist()
-    runner = PagedRunner(variant["config"], variant["params"])
+    runner = PagedRunner(variant["config"], variant["params"], attention_impl=impl)
     got = [int(runner.feed(prompt)[-1].argmax())]
     while len(got) < GEN_TOKENS:
         got.append(int(runner.feed(got[-1:])[-1].argmax()))

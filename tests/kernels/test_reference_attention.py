@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.ragged_paged_attention import reference_attention, write_kv, xla_attention
+from kernels.ragged_paged_attention import cpu_ffi, reference_attention, write_kv, xla_attention
 
 from .oracle import RaggedBatch, make_ragged_batch, oracle_attention, pages_needed
 
@@ -22,12 +22,14 @@ attention = jax.jit(
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "kv_block_tokens"),
 )
 jit_write_kv = jax.jit(write_kv)
-# The jnp implementations whose batch-invariance tests live here (the Pallas kernels'
+# The implementations whose batch-invariance tests live here (the Pallas kernels'
 # interpreters are too slow for these shapes; their files test invariance their way).
 JITTED = {
     "reference": attention,
     "xla": jax.jit(xla_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap",
                                                    "kv_block_tokens", "q_block")),
+    "cpu_ffi": jax.jit(cpu_ffi.ragged_paged_attention,
+                       static_argnames=("sm_scale", "sliding_window", "soft_cap")),
 }
 
 
