@@ -197,9 +197,10 @@ class FairBatchingScheduler(Scheduler):
     # ----- the step -------------------------------------------------------------------
     # schedule() runs every step over every running request and weighs each candidate
     # against the latency model, so its hot loops inline what the helpers above compute
-    # (Request.num_remaining, due(), StepFeatures.add/with_chunk, BucketConfig.pick) with
-    # the very same expressions: the decisions are those of the plain formulation in the
-    # docstrings, only cheaper (tests/sched pins them on hand-built states).
+    # (Request.num_remaining, due(), StepFeatures.add/with_chunk, BucketConfig.pick,
+    # ScheduledChunk for a decode) with the very same expressions: the decisions are those
+    # of the plain formulation in the docstrings, only cheaper (tests/sched pins them on
+    # hand-built states).
     def schedule(self, now: float) -> StepPlan:
         config = self.config
         decodes, partial = self._running_by_kind()
