@@ -54,8 +54,6 @@ class _Decodes(NamedTuple):
     dues: list[float]  # when each one's next token is due (``due()``)
     chunks: list[ScheduledChunk]  # each one's one-token chunk
     needs_page: list[int]  # indices of those whose token needs another KV page
-    context: int  # their computed tokens, summed
-    longest: int  # the most computed tokens of any of them
     in_order: bool  # their deadlines never fall in queue order
     tpot: float | None  # the TPOT SLO they all have, None if they differ
 
@@ -277,7 +275,6 @@ class FairBatchingScheduler(Scheduler):
         needs_page: list[int] = []
         partial: list[Request] = []
         add_due, add_chunk = dues.append, chunks.append
-        context = longest = 0
         last = -math.inf
         in_order = True
         shared = None  # the TPOT SLO of every decode so far
@@ -326,11 +323,7 @@ class FairBatchingScheduler(Scheduler):
             chunk.start = start
             chunk.completes = chunk.is_decode = True
             add_chunk(chunk)
-            context += start
-            if start > longest:
-                longest = start
-        return _Decodes(dues, chunks, needs_page, context, longest, in_order,
-                        None if mixed else shared), partial
+        return _Decodes(dues, chunks, needs_page, in_order, None if mixed else shared), partial
 
     def _form(self, all_decodes: _Decodes, urgent: list[int], partial: list,
               relaxed: list[int], budget: float, now: float) -> StepPlan:
@@ -365,6 +358,7 @@ class FairBatchingScheduler(Scheduler):
         # and few need a page: the others join in runs, those few one by one, until one
         # preempts (a victim may be among the later ones: the general loop goes on).
         slow = 0  # urgent[slow:] are weighed one by one
+        joined = 0  # chunks[:joined] joined in runs: their features are added below
         if len(urgent) <= max_seqs and len(urgent) <= token_budget:
             slow = len(urgent)
             paged = []  # where in ``urgent`` those needing a page are
@@ -389,16 +383,7 @@ class FairBatchingScheduler(Scheduler):
                         break
                 else:
                     chunks += [decode_chunks[k] for k in urgent[done:]]
-            if chunks:
-                if len(chunks) == len(decode_chunks):  # every decode, each once
-                    context, longest = all_decodes.context, all_decodes.longest
-                else:
-                    starts = [c.start for c in chunks]
-                    context, longest = sum(starts), max(starts)
-                max_kv = longest + 1
-                decodes = tokens = seqs = len(chunks)
-                attn_qk += context + seqs  # the decodes' kv_len (exact in a float: ints)
-                kv_read += context + seqs
+            joined = decodes = tokens = seqs = len(chunks)
         for k in urgent[slow:] if slow else urgent:
             if len(chunks) >= max_seqs:
                 full = True
@@ -421,6 +406,14 @@ class FairBatchingScheduler(Scheduler):
             kv_read += start + 1
             if start + 1 > max_kv:
                 max_kv = start + 1
+        full = full or len(chunks) >= max_seqs  # then nothing else is weighed
+        if joined and not full:  # the step's features matter only if more may join
+            starts = [c.start for c in chunks[:joined]]
+            context = sum(starts) + joined  # their kv_len (exact in a float: all ints)
+            attn_qk += context
+            kv_read += context
+            if max(starts) + 1 > max_kv:
+                max_kv = max(starts) + 1
 
         # 2. Prefills, running and waiting merged by (deadline, index); on a tie the
         # running prompt goes first.
