@@ -367,22 +367,22 @@ class FairBatchingScheduler(Scheduler):
                     paged.append(urgent.index(k))
                 except ValueError:  # a relaxed decode
                     pass
-            if not paged and urgent == range(len(decode_chunks)):
-                chunks = decode_chunks[:]  # the usual case: every decode, in queue order
+            # In queue order (a range from 0), ``urgent`` holds positions: runs are slices.
+            in_place = isinstance(urgent, range)
+            done = 0
+            for i in sorted(paged):
+                chunks += (decode_chunks[done:i] if in_place
+                           else [decode_chunks[k] for k in urgent[done:i]])
+                done = i + 1
+                chunk = decode_chunks[urgent[i]]
+                if allocate(chunk.request, 1, preempted):
+                    chunks.append(chunk)
+                if preempted:
+                    slow = done
+                    break
             else:
-                paged.sort()
-                done = 0
-                for i in paged:
-                    chunks += [decode_chunks[k] for k in urgent[done:i]]
-                    done = i + 1
-                    chunk = decode_chunks[urgent[i]]
-                    if allocate(chunk.request, 1, preempted):
-                        chunks.append(chunk)
-                    if preempted:
-                        slow = done
-                        break
-                else:
-                    chunks += [decode_chunks[k] for k in urgent[done:]]
+                chunks += (decode_chunks[done:slow] if in_place
+                           else [decode_chunks[k] for k in urgent[done:]])
             joined = decodes = tokens = seqs = len(chunks)
         for k in urgent[slow:] if slow else urgent:
             if len(chunks) >= max_seqs:
