@@ -4,7 +4,11 @@
    on one instance for each policy (goal: <= 10 s on a 2-core machine).
 2. The scheduler's cost of forming one step with 256 running decodes and 1,000 waiting
    prompts (goal: FairBatching <= 100 us and <= 2x Sarathi), per step and per scheduled
-   chunk: FairBatching schedules all 256 decodes, Sarathi at most 128 sequences.
+   chunk: FairBatching schedules all 256 decodes, Sarathi at most 128 sequences. First on
+   a fresh copy of the state for every call (cold in the CPU caches: each request field
+   read is a cache miss), then in steady state: the engine's loop of schedule() and
+   on_step_done() on one loaded state, where the previous step has just touched the
+   requests it ran.
 
     python scripts/bench_sim_speed.py [--profile a100-llama3-8b]
 """
@@ -25,6 +29,7 @@ from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
 from fbjax.sched.request import Request, SamplingParams  # noqa: E402
 from fbjax.sim.experiment import SLO, simulate  # noqa: E402
 from fbjax.sim.instance import PolicySpec, build_scheduler, load_profile  # noqa: E402
+from fbjax.sim.simulator import plan_features  # noqa: E402
 from fbjax.traces import load_trace  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -68,12 +73,15 @@ def per_step_costs(specs: list[PolicySpec], profile, repeats: int
     """Median seconds per schedule() and chunks per plan, for each policy. Every call
     gets a fresh copy of the loaded state, built untimed; the garbage collector waits
     during the call (a collection of the set-up's garbage is not the scheduler's cost;
-    a full gc.collect() before each call would evict the caches instead). The policies
-    take turns, so a load spike on this shared machine hits them alike."""
+    a full gc.collect() before each call would evict the caches instead), and the last
+    call's plan is dropped before the clock starts (freeing it, with the requests only
+    it still held, cost more than a schedule() and was charged to the next policy).
+    The policies take turns, so a load spike on this shared machine hits them alike."""
     times: dict[str, list[float]] = {spec.name: [] for spec in specs}
     chunks: dict[str, int] = {}
     for _ in range(repeats):
         for spec in specs:
+            plan = sched = None  # the last call's objects go now, untimed
             sched, now = loaded_state(spec, profile, FLAGS.running, FLAGS.waiting)
             gc.disable()
             start = time.perf_counter()
@@ -83,6 +91,43 @@ def per_step_costs(specs: list[PolicySpec], profile, repeats: int
             times[spec.name].append(elapsed)
             chunks[spec.name] = plan.num_seqs
     return {name: (statistics.median(t), chunks[name]) for name, t in times.items()}
+
+
+def steady_costs(specs: list[PolicySpec], profile, repeats: int, steps: int = 12,
+                 warmup: int = 2) -> dict[str, tuple[float, int]]:
+    """Median seconds per schedule() and chunks per plan in steady state: on a fresh
+    loaded state, ``steps`` steps of schedule(), then on_step_done() at the time the
+    profile predicts for the plan; the first ``warmup`` calls are not counted."""
+    times: dict[str, list[float]] = {spec.name: [] for spec in specs}
+    chunks: dict[str, list[int]] = {spec.name: [] for spec in specs}
+    for _ in range(repeats):
+        for spec in specs:
+            plan = sched = None
+            sched, now = loaded_state(spec, profile, FLAGS.running, FLAGS.waiting)
+            for step in range(steps):
+                gc.disable()
+                start = time.perf_counter()
+                plan = sched.schedule(now)
+                elapsed = time.perf_counter() - start
+                gc.enable()
+                if step >= warmup:
+                    times[spec.name].append(elapsed)
+                    chunks[spec.name].append(plan.num_seqs)
+                now += profile.latency.predict(plan.bucket, plan_features(plan))
+                sched.on_step_done(plan, {c.request.request_id: 0 for c in plan.chunks
+                                          if c.completes}, now)
+    return {name: (statistics.median(t), round(statistics.median(chunks[name])))
+            for name, t in times.items()}
+
+
+def print_costs(costs: dict[str, tuple[float, int]]) -> None:
+    print("| policy | chunks | us per step | vs sarathi | us per chunk | vs sarathi |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ref, ref_chunks = costs["sarathi-512"]
+    for name, (cost, chunks) in costs.items():
+        per_chunk = cost / max(chunks, 1)
+        print(f"| {name} | {chunks} | {cost * 1e6:.1f} | {cost / ref:.2f}x | "
+              f"{per_chunk * 1e6:.2f} | {per_chunk / (ref / max(ref_chunks, 1)):.2f}x |")
 
 
 def main(argv):
@@ -105,16 +150,13 @@ def main(argv):
     del outcome  # a whole replay's objects would slow every collection below
 
     print(f"\nschedule() with {FLAGS.running} running decodes and {FLAGS.waiting} waiting "
-          f"prompts (median of {FLAGS.repeats}; Sarathi caps a step at 128 sequences, so "
-          "per chunk is the like-for-like figure)")
-    print("| policy | chunks | us per step | vs sarathi | us per chunk | vs sarathi |")
-    print("|---|---:|---:|---:|---:|---:|")
-    costs = per_step_costs(policies(), profile, FLAGS.repeats)
-    ref, ref_chunks = costs["sarathi-512"]
-    for name, (cost, chunks) in costs.items():
-        per_chunk = cost / max(chunks, 1)
-        print(f"| {name} | {chunks} | {cost * 1e6:.1f} | {cost / ref:.2f}x | "
-              f"{per_chunk * 1e6:.2f} | {per_chunk / (ref / max(ref_chunks, 1)):.2f}x |")
+          f"prompts, a fresh state per call (median of {FLAGS.repeats}; Sarathi caps a step "
+          "at 128 sequences, so per chunk is the like-for-like figure)")
+    print_costs(per_step_costs(policies(), profile, FLAGS.repeats))
+    steady_repeats = max(1, FLAGS.repeats // 10)
+    print(f"\nthe same in steady state: schedule() and on_step_done() in turn, 10 steps "
+          f"counted on each of {steady_repeats} loaded states")
+    print_costs(steady_costs(policies(), profile, steady_repeats))
 
 
 if __name__ == "__main__":

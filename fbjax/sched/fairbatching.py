@@ -38,6 +38,7 @@ import bisect
 import dataclasses
 import itertools
 import math
+from typing import NamedTuple
 
 from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import ScheduledChunk, Scheduler, StepLimits, StepPlan
@@ -45,6 +46,16 @@ from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.request import Request, RequestStatus
 
 ANCHORS = ("first_token", "arrival")
+
+
+class _Decodes(NamedTuple):
+    """The running decodes of one step, in queue order (``_running_by_kind``)."""
+
+    dues: list[float]  # when each one's next token is due (``due()``)
+    chunks: list[ScheduledChunk]  # each one's one-token chunk
+    needs_page: list[int]  # indices of those whose token needs another KV page
+    in_order: bool  # their deadlines never fall in queue order
+    tpot: float | None  # the TPOT SLO they all have, None if they differ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,77 +195,143 @@ class FairBatchingScheduler(Scheduler):
     # ----- the step -------------------------------------------------------------------
     # schedule() runs every step over every running request and weighs each candidate
     # against the latency model, so its hot loops inline what the helpers above compute
-    # (Request.num_remaining, due(), StepFeatures.add/with_chunk, BucketConfig.pick) with
-    # the very same expressions: the decisions are those of the plain formulation in the
-    # docstrings, only cheaper (tests/sched pins them on hand-built states).
+    # (Request.num_remaining, due(), StepFeatures.add/with_chunk, BucketConfig.pick,
+    # ScheduledChunk for a decode) with the very same expressions: the decisions are those
+    # of the plain formulation in the docstrings, only cheaper (tests/sched pins them on
+    # hand-built states).
     def schedule(self, now: float) -> StepPlan:
         config = self.config
-        decodes, dues, tpots, partial = self._split_running()
-        if decodes:
-            # A stable sort on the deadline alone: ties keep queue order.
-            order = sorted(range(len(dues)), key=dues.__getitem__)
-            budget = max(dues[order[0]] - now, min(tpots))
-            if config.fair_formation:
-                margin = config.urgency_margin
-                urgent: list[Request] = []
-                relaxed: list[Request] = []
-                for k in order:
-                    (urgent if dues[k] - now < budget + margin * tpots[k]
-                     else relaxed).append(decodes[k])
+        decodes, partial = self._running_by_kind()
+        dues = decodes.dues
+        if dues:
+            # Decodes by deadline, as indices into ``decodes``; a stable sort on the
+            # deadline alone, so ties keep queue order.
+            order = (range(len(dues)) if decodes.in_order
+                     else sorted(range(len(dues)), key=dues.__getitem__))
+            tpot = decodes.tpot
+            tpots = None if tpot is not None else self._tpots(decodes)
+            min_tpot = tpot if tpots is None else min(tpots)
+            budget = max(dues[order[0]] - now, min_tpot)
+            if not config.fair_formation:
+                urgent, relaxed = order, []
+            elif tpots is None:
+                # One TPOT SLO for all: urgency is ``due - now < threshold``, true on a
+                # prefix of the deadline order, so a binary search finds where it ends.
+                threshold = budget + config.urgency_margin * tpot
+                cut, hi = 0, len(order)
+                while cut < hi:
+                    mid = (cut + hi) // 2
+                    if dues[order[mid]] - now < threshold:
+                        cut = mid + 1
+                    else:
+                        hi = mid
+                urgent, relaxed = (order, []) if cut == len(order) else (
+                    order[:cut], order[cut:])
             else:
-                urgent, relaxed = [decodes[k] for k in order], []
+                margin = config.urgency_margin
+                urgent = [k for k in order if dues[k] - now < budget + margin * tpots[k]]
+                relaxed = [k for k in order if not dues[k] - now < budget + margin * tpots[k]]
         else:
             budget, urgent, relaxed = math.inf, [], []
         due = self.due
         # (deadline, index, request): the index breaks ties in queue order.
         partial_by_due = sorted([(due(r), i, r) for i, r in enumerate(partial)])
-        return self._form(urgent, partial_by_due, relaxed,
+        return self._form(decodes, urgent, partial_by_due, relaxed,
                           budget if config.adaptive_capacity else math.inf, now)
 
+    def _tpots(self, decodes: _Decodes) -> list[float]:
+        """Each decode's TPOT SLO (``tpot_slo()``)."""
+        default = self.config.tpot_slo_s
+        return [default if c.request.tpot_slo is None else c.request.tpot_slo
+                for c in decodes.chunks]
+
     def _split_running(self) -> tuple[list[Request], list[float], list[float], list[Request]]:
-        """The running list split into decodes (with each one's ``due()`` and TPOT SLO,
-        computed inline) and partly prefilled prompts, both in queue order."""
+        """The running list split into decodes (with each one's ``due()`` and TPOT SLO)
+        and partly prefilled prompts, both in queue order."""
+        decodes, partial = self._running_by_kind()
+        return ([c.request for c in decodes.chunks], decodes.dues, self._tpots(decodes),
+                partial)
+
+    def _running_by_kind(self) -> tuple[_Decodes, list[Request]]:
+        """One pass over the running list: its decodes (with their deadlines computed
+        inline) and its partly prefilled prompts, both in queue order.
+
+        Each decode's chunk is made here, while its request is at hand, whether or not
+        the step takes it: most steps take most decodes, and a second pass over their
+        requests would cost more than the chunks left unused. With a running list that
+        is cold in the CPU caches, each object made and each request field read is a
+        cache miss, so this pass makes one float and one chunk per decode, nothing else.
+        """
         config = self.config
         default_ttft, default_tpot = config.ttft_slo_s, config.tpot_slo_s
         arrival_anchor = config.anchor == "arrival"
         stall = config.max_decode_stall_s
         stall_tpots = config.max_decode_stall_tpots
-        decodes: list[Request] = []
+        page_size = self.kv.page_size
+        block_table = self.kv.block_table
+        new_chunk = object.__new__
         dues: list[float] = []
-        tpots: list[float] = []
+        chunks: list[ScheduledChunk] = []
+        needs_page: list[int] = []
         partial: list[Request] = []
+        add_due, add_chunk = dues.append, chunks.append
+        last = -math.inf
+        in_order = True
+        shared = None  # the TPOT SLO of every decode so far
+        mixed = False
         for r in self.running:
             outputs = len(r.output_token_ids)
-            if not outputs or r.prompt_len + outputs - r.num_computed_tokens != 1:
+            start = r.num_computed_tokens
+            if not outputs or r.prompt_len + outputs - start != 1:
                 partial.append(r)
                 continue
-            decodes.append(r)
             tpot = r.tpot_slo
             if tpot is None:
                 tpot = default_tpot
-            tpots.append(tpot)
+            if tpot != shared:
+                if shared is None:
+                    shared = tpot
+                else:
+                    mixed = True
+            times = r.token_times
             if arrival_anchor:
                 ttft = r.ttft_slo
                 d = r.arrival_time + (default_ttft if ttft is None else ttft) + outputs * tpot
             else:
-                d = r.token_times[0] + outputs * tpot
+                d = times[0] + outputs * tpot
             if stall is not None:
-                cap = r.token_times[-1] + stall
+                cap = times[-1] + stall
                 if cap < d:
                     d = cap
             if stall_tpots is not None:
-                cap = r.token_times[-1] + stall_tpots * tpot
+                cap = times[-1] + stall_tpots * tpot
                 if cap < d:
                     d = cap
-            dues.append(d)
-        return decodes, dues, tpots, partial
+            if d < last:
+                in_order = False
+            last = d
+            # Computed tokens always have their pages, so only a decode whose computed
+            # tokens fill its last page exactly can need another.
+            if not start % page_size and len(block_table(r.request_id)) * page_size <= start:
+                needs_page.append(len(dues))
+            add_due(d)
+            # ScheduledChunk(r, 1, start), field by field: a decode's chunk completes
+            # its request's tokens (tests/sched checks that both make equal chunks).
+            chunk = new_chunk(ScheduledChunk)
+            chunk.request = r
+            chunk.num_tokens = 1
+            chunk.start = start
+            chunk.completes = chunk.is_decode = True
+            add_chunk(chunk)
+        return _Decodes(dues, chunks, needs_page, in_order, None if mixed else shared), partial
 
-    def _form(self, urgent: list[Request], partial: list, relaxed: list[Request],
-              budget: float, now: float) -> StepPlan:
+    def _form(self, all_decodes: _Decodes, urgent: list[int], partial: list,
+              relaxed: list[int], budget: float, now: float) -> StepPlan:
         """Add urgent decodes (always), then prefills (running and waiting, merged by
         deadline; each takes its largest chunk within budget, until one does not fit),
-        then relaxed decodes that fit. ``partial`` holds (due, i, request) of running
-        prompts; waiting ones come from ``_waiting_by_due``, (due, arrival #, id).
+        then relaxed decodes that fit. ``urgent`` and ``relaxed`` index ``all_decodes``
+        (lists or ranges), in deadline order; ``partial`` holds (due, i, request) of
+        running prompts; waiting ones come from ``_waiting_by_due``, (due, arrival #, id).
 
         EDF: once a prefill does not fit, later ones wait; once the pool cannot hold a
         waiting prompt, or the step preempted, no later one is admitted either (the
@@ -269,6 +346,7 @@ class FairBatchingScheduler(Scheduler):
         block_table = kv.block_table
         allocate = self._allocate_or_preempt
         running = RequestStatus.RUNNING
+        decode_chunks = all_decodes.chunks
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         # The step's StepFeatures so far, as locals (StepFeatures.add inlined).
@@ -276,35 +354,51 @@ class FairBatchingScheduler(Scheduler):
         attn_qk = 0.0
         full = False  # the step holds max_num_seqs sequences: nothing else is weighed
 
-        # 1. Urgent decodes, whatever the time budget. Usually they all fit the step
-        # and their pages: then only the pages need checking, decode by decode.
-        first_slow = 0
+        # 1. Urgent decodes, whatever the time budget. Usually the step holds them all
+        # and few need a page: the others join in runs, those few one by one, until one
+        # preempts (a victim may be among the later ones: the general loop goes on).
+        slow = 0  # urgent[slow:] are weighed one by one
+        joined = 0  # chunks[:joined] joined in runs: their features are added below
         if len(urgent) <= max_seqs and len(urgent) <= token_budget:
-            context = 0  # sum of the decodes' kv_len - 1 (exact in a float: all ints)
-            for r in urgent:
-                start = r.num_computed_tokens
-                if len(block_table(r.request_id)) * page_size <= start:
-                    break  # needs a page: the general loop takes it from here
-                chunks.append(ScheduledChunk(r, 1, start))
-                context += start
-                if start + 1 > max_kv:
-                    max_kv = start + 1
-            first_slow = decodes = tokens = seqs = len(chunks)
-            attn_qk += context + seqs
-            kv_read += context + seqs
-        for r in urgent[first_slow:] if first_slow else urgent:
+            slow = len(urgent)
+            paged = []  # where in ``urgent`` those needing a page are
+            for k in all_decodes.needs_page:
+                try:
+                    paged.append(urgent.index(k))
+                except ValueError:  # a relaxed decode
+                    pass
+            # In queue order (a range from 0), ``urgent`` holds positions: runs are slices.
+            in_place = isinstance(urgent, range)
+            done = 0
+            for i in sorted(paged):
+                chunks += (decode_chunks[done:i] if in_place
+                           else [decode_chunks[k] for k in urgent[done:i]])
+                done = i + 1
+                chunk = decode_chunks[urgent[i]]
+                if allocate(chunk.request, 1, preempted):
+                    chunks.append(chunk)
+                if preempted:
+                    slow = done
+                    break
+            else:
+                chunks += (decode_chunks[done:slow] if in_place
+                           else [decode_chunks[k] for k in urgent[done:]])
+            joined = decodes = tokens = seqs = len(chunks)
+        for k in urgent[slow:] if slow else urgent:
             if len(chunks) >= max_seqs:
                 full = True
                 break
+            chunk = decode_chunks[k]
+            r = chunk.request
             if r.status is not running:  # preempted earlier in this step
                 continue
             if tokens + 1 > token_budget:
                 continue
-            start = r.num_computed_tokens
-            if (len(block_table(r.request_id)) * page_size <= start
+            start = chunk.start
+            if (not start % page_size and len(block_table(r.request_id)) * page_size <= start
                     and not allocate(r, 1, preempted)):
                 continue
-            chunks.append(ScheduledChunk(r, 1, start))
+            chunks.append(chunk)
             decodes += 1
             tokens += 1
             seqs += 1
@@ -312,6 +406,14 @@ class FairBatchingScheduler(Scheduler):
             kv_read += start + 1
             if start + 1 > max_kv:
                 max_kv = start + 1
+        full = full or len(chunks) >= max_seqs  # then nothing else is weighed
+        if joined and not full:  # the step's features matter only if more may join
+            starts = [c.start for c in chunks[:joined]]
+            context = sum(starts) + joined  # their kv_len (exact in a float: all ints)
+            attn_qk += context
+            kv_read += context
+            if max(starts) + 1 > max_kv:
+                max_kv = max(starts) + 1
 
         # 2. Prefills, running and waiting merged by (deadline, index); on a tie the
         # running prompt goes first.
@@ -386,15 +488,17 @@ class FairBatchingScheduler(Scheduler):
             cleared = 0
             tried = 0 if self._monotone_latency else len(relaxed)
             index = 0
-            for r in relaxed:
+            for k in relaxed:
                 index += 1
                 if len(chunks) >= max_seqs:
                     break
+                chunk = decode_chunks[k]
+                r = chunk.request
                 if r.status is not running:  # preempted earlier in this step
                     continue
                 if tokens + 1 > optional_tokens:
                     continue
-                start = r.num_computed_tokens
+                start = chunk.start
                 if tokens + 1 > token_budget or seqs + 1 > max_seqs:
                     continue
                 if not unbounded and index > cleared and index > tried:
@@ -407,8 +511,8 @@ class FairBatchingScheduler(Scheduler):
                     if m > 1:
                         context = 0
                         longest = max_kv
-                        for other in relaxed[index - 1:index - 1 + m]:
-                            kv_len = other.num_computed_tokens + 1
+                        for j in relaxed[index - 1:index - 1 + m]:
+                            kv_len = decode_chunks[j].start + 1
                             context += kv_len
                             if kv_len > longest:
                                 longest = kv_len
@@ -433,10 +537,10 @@ class FairBatchingScheduler(Scheduler):
                     probe.max_kv = max_kv if max_kv >= start + 1 else start + 1
                     if not predict(pick(tokens + 1, seqs + 1), probe) <= budget:
                         continue
-                if (len(block_table(r.request_id)) * page_size <= start
+                if (not start % page_size and len(block_table(r.request_id)) * page_size <= start
                         and not allocate(r, 1, preempted)):
                     continue
-                chunks.append(ScheduledChunk(r, 1, start))
+                chunks.append(chunk)
                 decodes += 1
                 tokens += 1
                 seqs += 1
