@@ -262,11 +262,17 @@ def scheduler_config(engine, policy: str, slo: SLO, *, token_budget: int | None 
 def calibrate(engine, warm: Trace, slo: SLO, out_dir: str | None = None):
     """Replay ``warm`` on the engine with online refinement on and save the refined
     profile (to a temporary directory unless ``out_dir``); returns its path. Brings a
-    profile recorded earlier up to the machine's present state before a comparison."""
+    profile recorded earlier up to the machine's present state before a comparison,
+    and records the engine's host work per step (``host_overhead_s``: scheduling,
+    batch building, fetching samples), which the simulator then adds to every step."""
     import tempfile
     from pathlib import Path
 
-    replay_engine(engine, warm, slo, engine_profile(engine))
+    stats: dict = {}
+    replay_engine(engine, warm, slo, engine_profile(engine), stats=stats)
+    if stats.get("num_steps"):
+        engine.latency.metadata["host_overhead_s"] = round(
+            (stats["step_wall_s"] - stats["measured_s"]) / stats["num_steps"], 7)
     path = Path(out_dir or tempfile.mkdtemp()) / engine.profile_path.name
     engine.save_profile(path)
     return path
@@ -302,9 +308,12 @@ def calibrated_slice(trace_name: str, start_s: float, duration_s: float,
         warm, _ = fit_lengths(warm, engine.max_model_len, scaling.factor)
         profile_path = calibrate(engine, warm, slo)
         print(f"calibrated the profile on {len(warm)} requests ({engine.latency.num_updates} "
-              f"steps, {engine.latency.num_outliers} outliers rejected); corrections "
-              f"{engine.latency.metadata['online_refinement']['corrections']}", flush=True)
+              f"steps, {engine.latency.num_outliers} outliers rejected; host work "
+              f"{engine.latency.metadata.get('host_overhead_s', 0.0) * 1e3:.2f} ms per step); "
+              f"corrections {engine.latency.metadata['online_refinement']['corrections']}",
+              flush=True)
     calibrated = LatencyModel.load(profile_path)  # pristine copy for the simulator
     sim_profile = Profile(base.name, calibrated, base.buckets, base.kv_capacity_tokens,
-                          base.page_size)
+                          base.page_size,
+                          float(calibrated.metadata.get("host_overhead_s", 0.0)))
     return CalibratedSlice(engine, trace, scaling, Path(profile_path), sim_profile)

@@ -80,11 +80,15 @@ def sim_requests(trace: Trace, slo: SLO, profile: Profile) -> tuple[list[SimRequ
 def simulate(trace: Trace, spec: PolicySpec, profile: Profile, slo: SLO, *,
              rate_scale: float = 1.0, noise: float = 0.0, seed: int = 0,
              envelope_anchor: str = "first_token",
-             on_progress: Callable[[int, int], None] | None = None) -> Outcome:
+             on_progress: Callable[[int, int], None] | None = None,
+             step_overhead_s: float | None = None) -> Outcome:
+    """``trace`` x ``rate_scale`` through ``spec`` on ``profile``; every step also
+    costs ``step_overhead_s`` of host work (default: the profile's own figure)."""
     scheduler = build_scheduler(spec, profile)
     requests, skipped = sim_requests(trace.scaled(rate_scale), slo, profile)
+    overhead = profile.step_overhead_s if step_overhead_s is None else step_overhead_s
     result = Simulator(scheduler, profile.latency, noise=noise, seed=seed,
-                       on_progress=on_progress).run(requests)
+                       on_progress=on_progress, step_overhead_s=overhead).run(requests)
     records = [RequestMetrics.from_request(r) for r in result.requests]
     first = min((r.arrival_time for r in result.requests), default=0.0)
     # Records carry each request's own SLOs, which override these defaults.

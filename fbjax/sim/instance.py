@@ -29,6 +29,9 @@ class Profile:
     buckets: BucketConfig
     kv_capacity_tokens: int
     page_size: int = DEFAULT_PAGE_SIZE
+    # Host work per engine step beyond the timed device call (metadata
+    # ``host_overhead_s``, measured by an engine calibration; 0 where not measured).
+    step_overhead_s: float = 0.0
 
 
 def resolve_profile(name_or_path: str | Path) -> Path:
@@ -59,7 +62,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if "kv_capacity_tokens" not in meta:
         raise ValueError(f"{path}: profile metadata lacks 'kv_capacity_tokens'")
     return Profile(path.stem, latency, buckets, int(meta["kv_capacity_tokens"]),
-                   int(meta.get("page_size", DEFAULT_PAGE_SIZE)))
+                   int(meta.get("page_size", DEFAULT_PAGE_SIZE)),
+                   float(meta.get("host_overhead_s", 0.0)))
 
 
 def unloaded_prefill_s(latency: LatencyModel, buckets: BucketConfig, prompt_len: int,

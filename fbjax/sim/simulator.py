@@ -93,12 +93,17 @@ class Simulator:
 
     def __init__(self, scheduler: Scheduler, latency: LatencyModel, *, noise: float = 0.0,
                  seed: int = 0, max_steps: int = 50_000_000,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
-        if noise < 0:
-            raise ValueError("noise must be >= 0")
+                 on_progress: Callable[[int, int], None] | None = None,
+                 step_overhead_s: float = 0.0) -> None:
+        if noise < 0 or step_overhead_s < 0:
+            raise ValueError("noise and step_overhead_s must be >= 0")
         self.scheduler = scheduler
         self.latency = latency
         self.noise = noise
+        # Host work per step outside the device call (scheduling, batch building,
+        # fetching samples): a profile times the device call only; an engine on a CPU
+        # spends a measurable share of each step on the host too.
+        self.step_overhead_s = step_overhead_s
         self.rng = random.Random(seed)
         self.max_steps = max_steps
         self.on_progress = on_progress
@@ -109,7 +114,7 @@ class Simulator:
         seconds = self.latency.predict(plan.bucket, features)
         if self.noise:
             seconds *= max(0.05, self.rng.gauss(1.0, self.noise))
-        return seconds
+        return seconds + self.step_overhead_s
 
     def run(self, arrivals: Sequence[SimRequest]) -> SimResult:
         requests = self.requests_in_arrival_order(arrivals)

@@ -212,3 +212,44 @@ def test_unloaded_ttft_floor_bounds_every_policy_and_is_reached_alone():
     for spec in (PolicySpec("sarathi", token_budget=512), PolicySpec("fairbatching")):
         p99 = simulate(trace, spec, profile, slo, rate_scale=1.0).summary.ttft.p(99)
         assert p99 >= floor * 1e3
+
+
+def test_step_overhead_adds_host_time_to_every_step():
+    """``step_overhead_s`` (host work the profile does not time) lengthens every step
+    by exactly that much, so a lone request's TTFT grows by it once per prefill step."""
+    from fbjax.sim.experiment import SLO, simulate
+    from fbjax.sim.instance import PolicySpec, load_profile
+    from fbjax.traces import Trace, TraceRequest
+
+    profile = load_profile("a100-llama3-8b")
+    trace = Trace("one", [TraceRequest(0.0, 1500, 4)])
+    spec = PolicySpec("sarathi", token_budget=512)  # 3 prefill steps, then 3 decodes
+    plain = simulate(trace, spec, profile, SLO(3.0, 0.1))
+    slow = simulate(trace, spec, profile, SLO(3.0, 0.1), step_overhead_s=0.002)
+    assert [s.duration for s in slow.result.steps] == pytest.approx(
+        [s.duration + 0.002 for s in plain.result.steps])
+    assert slow.records[0].ttft == pytest.approx(plain.records[0].ttft + 3 * 0.002)
+    with pytest.raises(ValueError, match="step_overhead_s"):
+        simulate(trace, spec, profile, SLO(3.0, 0.1), step_overhead_s=-1.0)
+
+
+def test_profile_host_overhead_is_the_simulators_default(tmp_path):
+    """A calibrated engine profile records its host work per step; load_profile reads
+    it and simulate adds it unless told otherwise."""
+    from fbjax.sim.experiment import SLO, simulate
+    from fbjax.sim.instance import PolicySpec, load_profile
+    from fbjax.traces import Trace, TraceRequest
+
+    base = load_profile("a100-llama3-8b")
+    assert base.step_overhead_s == 0.0
+    base.latency.metadata["host_overhead_s"] = 0.002
+    base.latency.save(tmp_path / "calibrated.json")
+    loaded = load_profile(tmp_path / "calibrated.json")
+    assert loaded.step_overhead_s == 0.002
+    trace = Trace("one", [TraceRequest(0.0, 1500, 4)])
+    spec = PolicySpec("sarathi", token_budget=512)
+    by_default = simulate(trace, spec, loaded, SLO(3.0, 0.1)).records[0].ttft
+    explicit = simulate(trace, spec, base, SLO(3.0, 0.1), step_overhead_s=0.002).records[0].ttft
+    assert by_default == pytest.approx(explicit)
+    assert simulate(trace, spec, loaded, SLO(3.0, 0.1), step_overhead_s=0.0
+                    ).records[0].ttft == pytest.approx(explicit - 3 * 0.002)
