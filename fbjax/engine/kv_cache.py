@@ -173,22 +173,31 @@ class KVCacheManager:
         return len(table)
 
     # ----- prefix caching -------------------------------------------------------------
+    def _cached_prefix_pages(self, page_keys: Sequence[Hashable], max_tokens: int
+                             ) -> list[int]:
+        """The published pages of the longest cached prefix of ``page_keys``, at most
+        ``max_tokens`` tokens of it (the one walk behind acquiring and looking)."""
+        page_of = self._page_of
+        pages = []
+        for j in range(min(len(page_keys), max_tokens // self.page_size)):
+            page = page_of.get(page_keys[j])
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
     def acquire_prefix(self, seq_id: Hashable, page_keys: Sequence[Hashable],
                        max_tokens: int) -> int:
         """Give a sequence with no pages yet the published pages of its longest cached
         prefix, at most ``max_tokens`` tokens of it; returns the tokens covered."""
         if not self.enable_prefix_caching or seq_id in self._tables:
             return 0
-        page_of, refs = self._page_of, self._refs
-        table = []
-        for j in range(min(len(page_keys), max_tokens // self.page_size)):
-            page = page_of.get(page_keys[j])
-            if page is None:
-                break
+        table = self._cached_prefix_pages(page_keys, max_tokens)
+        refs = self._refs
+        for page in table:
             if refs[page] == 0:
                 del self._evictable[page]
             refs[page] += 1
-            table.append(page)
         if table:
             self._tables[seq_id] = table
             self._registered[seq_id] = len(table)
@@ -199,13 +208,7 @@ class KVCacheManager:
         estimate's look at queued prompts)."""
         if not self.enable_prefix_caching:
             return 0
-        page_of = self._page_of
-        found = 0
-        for j in range(min(len(page_keys), max_tokens // self.page_size)):
-            if page_keys[j] not in page_of:
-                break
-            found += 1
-        return found * self.page_size
+        return len(self._cached_prefix_pages(page_keys, max_tokens)) * self.page_size
 
     def register_pages(self, seq_id: Hashable, page_keys: Sequence[Hashable],
                        num_computed_tokens: int) -> None:
