@@ -24,6 +24,13 @@ Three ideas, each switchable for ablation:
    envelope thus yields its compute to a prefill burst; under uniform pressure every
    decode is urgent and the order degrades to decode-first. Off: decode-first.
 
+**Prefill order.** Prompts are served first-come-first-served while the queued ones
+could all finish well before the earliest prefill deadline (``fcfs_headroom``), and by
+deadline (EDF) once one is at stake. EDF is what keeps deadlines under a burst, but with
+TTFT SLOs that grow with the prompt it lets every short prompt that arrives pass a long
+one, and the absolute TTFT tail, made of the longest prompts, grows for nothing when no
+deadline was at risk.
+
 **Forward progress.** If nothing fits the budget (e.g. an SLO tighter than the
 hardware), the most urgent candidate runs anyway with a minimal chunk, so a state
 with work never yields an empty step.
@@ -38,6 +45,7 @@ import bisect
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 from fbjax.engine.kv_cache import KVCacheManager
@@ -97,6 +105,16 @@ class FairBatchingConfig:
     knee_tolerance: float = 0.05
     adaptive_capacity: bool = True
     fair_formation: bool = True
+    # Prefills go FCFS (by arrival, or by their own deadline if it is earlier than the
+    # default TTFT SLO's) while the queued prompt tokens, at the knee's prefill rate,
+    # take at most 1 / fcfs_headroom of the time to the earliest prefill deadline; EDF
+    # otherwise. None: always EDF. Then every queued prompt finishes in time in any
+    # order even if decodes take half of each step, so EDF would buy nothing. On the
+    # A100 Llama-3-8B profile (azure code/conv, 300 s, at Sarathi-deployed's capacity)
+    # this cut FairBatching's P99 TTFT by 11-34% at an unchanged capacity in every
+    # setting; headroom 1 and 4 kept less of it (conv relaxed P99 1.80 s and 2.06 s vs
+    # 1.67 s at 2; always-EDF 2.51 s), and FCFS at all times lost 20% of capacity.
+    fcfs_headroom: float | None = 2.0
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:
@@ -107,6 +125,8 @@ class FairBatchingConfig:
             raise ValueError("max_decode_stall_s must be positive")
         if self.max_decode_stall_tpots is not None and self.max_decode_stall_tpots <= 0:
             raise ValueError("max_decode_stall_tpots must be positive")
+        if self.fcfs_headroom is not None and self.fcfs_headroom <= 0:
+            raise ValueError("fcfs_headroom must be positive")
 
 
 class FairBatchingScheduler(Scheduler):
@@ -126,22 +146,35 @@ class FairBatchingScheduler(Scheduler):
         # Non-negative coefficients make predictions monotone in every feature
         # (LatencyModel's contract); _form then clears relaxed decodes in runs.
         self._monotone_latency = all(float(min(c)) >= 0 for c in latency.coefficients.values())
-        # Waiting requests sorted by deadline, kept up to date as they come and go: a
-        # waiting request's next-token deadline cannot change while it waits, and with a
-        # thousand queued prompts re-sorting them every step would dominate its cost.
+        # Waiting requests sorted by deadline and in FCFS order (``fcfs_key``), kept up
+        # to date as they come and go: neither key can change while a request waits, and
+        # with a thousand queued prompts re-sorting them every step would dominate its
+        # cost. Their tokens are counted for the choice between the two orders.
         self._waiting_by_due: list[tuple[float, int, str]] = []
-        self._waiting_keys: dict[str, tuple[float, int, str]] = {}
+        self._waiting_by_arrival: list[tuple[float, int, str]] = []
+        self._waiting_keys: dict[str, tuple[tuple[float, int, str],
+                                            tuple[float, int, str], int]] = {}
+        self._waiting_tokens = 0
         self._arrivals = itertools.count()
+        # Step time per prompt token at the knee: the queue's prefill time, roughly.
+        knee = self.step_tokens
+        self.prefill_s_per_token = latency.predict(
+            limits.buckets.pick(knee, 1), StepFeatures.of_chunks([(knee, knee, False)])) / knee
 
     def _waiting_added(self, request: Request) -> None:
-        key = (self.due(request), next(self._arrivals), request.request_id)
-        bisect.insort(self._waiting_by_due, key)
-        self._waiting_keys[request.request_id] = key
+        number, rid = next(self._arrivals), request.request_id
+        by_due = (self.due(request), number, rid)
+        by_arrival = (self.fcfs_key(request), number, rid)
+        bisect.insort(self._waiting_by_due, by_due)
+        bisect.insort(self._waiting_by_arrival, by_arrival)
+        self._waiting_keys[rid] = (by_due, by_arrival, request.num_tokens)
+        self._waiting_tokens += request.num_tokens
 
     def _waiting_removed(self, request: Request) -> None:
-        key = self._waiting_keys.pop(request.request_id)
-        index = bisect.bisect_left(self._waiting_by_due, key)
-        del self._waiting_by_due[index]
+        by_due, by_arrival, tokens = self._waiting_keys.pop(request.request_id)
+        del self._waiting_by_due[bisect.bisect_left(self._waiting_by_due, by_due)]
+        del self._waiting_by_arrival[bisect.bisect_left(self._waiting_by_arrival, by_arrival)]
+        self._waiting_tokens -= tokens
 
     def knee_tokens(self, context: int = 1024) -> int:
         """Smallest token bucket whose per-token prefill time (one chunk after a
@@ -180,6 +213,36 @@ class FairBatchingScheduler(Scheduler):
             due = min(due, request.token_times[-1]
                       + self.config.max_decode_stall_tpots * self.tpot_slo(request))
         return due
+
+    def fcfs_key(self, request: Request) -> float:
+        """A prompt's place in FCFS order: its arrival, shifted by the default TTFT SLO
+        so that one whose own deadline is earlier keeps that place instead (a request
+        with tokens out, preempted and recomputed, goes by its next token's deadline)."""
+        due = self.due(request)
+        if request.num_output_tokens:
+            return due
+        key = request.arrival_time + self.config.ttft_slo_s
+        return key if key < due else due
+
+    def prefill_order(self, partial: list[Request], now: float
+                      ) -> tuple[list[tuple[float, int, str]], Callable[[Request], float]]:
+        """The waiting index and the key of running prompts (``partial``) for this step:
+        FCFS while the queue's prefill time fits ``fcfs_headroom`` times in the time to
+        the earliest prefill deadline, EDF otherwise."""
+        headroom = self.config.fcfs_headroom
+        due = self.due
+        if headroom is None or not (partial or self._waiting_by_due):
+            return self._waiting_by_due, due
+        earliest = self._waiting_by_due[0][0] if self._waiting_by_due else math.inf
+        queued = self._waiting_tokens
+        for r in partial:
+            d = due(r)
+            if d < earliest:
+                earliest = d
+            queued += r.num_remaining
+        if queued * self.prefill_s_per_token * headroom <= earliest - now:
+            return self._waiting_by_arrival, self.fcfs_key
+        return self._waiting_by_due, due
 
     def time_budget(self, decodes: list[Request], now: float) -> float:
         """The step's time budget from the running decodes (unbounded without any).
@@ -233,10 +296,10 @@ class FairBatchingScheduler(Scheduler):
                 relaxed = [k for k in order if not dues[k] - now < budget + margin * tpots[k]]
         else:
             budget, urgent, relaxed = math.inf, [], []
-        due = self.due
-        # (deadline, index, request): the index breaks ties in queue order.
-        partial_by_due = sorted([(due(r), i, r) for i, r in enumerate(partial)])
-        return self._form(decodes, urgent, partial_by_due, relaxed,
+        waiting_index, key = self.prefill_order(partial, now)
+        # (key, index, request): the index breaks ties in queue order.
+        partial_in_order = sorted([(key(r), i, r) for i, r in enumerate(partial)])
+        return self._form(decodes, urgent, partial_in_order, waiting_index, relaxed,
                           budget if config.adaptive_capacity else math.inf, now)
 
     def _tpots(self, decodes: _Decodes) -> list[float]:
@@ -326,14 +389,16 @@ class FairBatchingScheduler(Scheduler):
         return _Decodes(dues, chunks, needs_page, in_order, None if mixed else shared), partial
 
     def _form(self, all_decodes: _Decodes, urgent: list[int], partial: list,
-              relaxed: list[int], budget: float, now: float) -> StepPlan:
-        """Add urgent decodes (always), then prefills (running and waiting, merged by
-        deadline; each takes its largest chunk within budget, until one does not fit),
-        then relaxed decodes that fit. ``urgent`` and ``relaxed`` index ``all_decodes``
-        (lists or ranges), in deadline order; ``partial`` holds (due, i, request) of
-        running prompts; waiting ones come from ``_waiting_by_due``, (due, arrival #, id).
+              waiting_index: list[tuple[float, int, str]], relaxed: list[int], budget: float,
+              now: float) -> StepPlan:
+        """Add urgent decodes (always), then prefills (running and waiting, merged in
+        ``prefill_order``; each takes its largest chunk within budget, until one does
+        not fit), then relaxed decodes that fit. ``urgent`` and ``relaxed`` index
+        ``all_decodes`` (lists or ranges), in deadline order; ``partial`` holds (key, i,
+        request) of running prompts; waiting ones come from ``waiting_index``, (key,
+        arrival #, id), with keys of the same order.
 
-        EDF: once a prefill does not fit, later ones wait; once the pool cannot hold a
+        In order: once a prefill does not fit, later ones wait; once the pool cannot hold a
         waiting prompt, or the step preempted, no later one is admitted either (the
         victim, now first in line, must not be displaced by a newcomer). A request
         preempted in this step does not come back in it."""
@@ -415,10 +480,10 @@ class FairBatchingScheduler(Scheduler):
             if max(starts) + 1 > max_kv:
                 max_kv = max(starts) + 1
 
-        # 2. Prefills, running and waiting merged by (deadline, index); on a tie the
-        # running prompt goes first.
+        # 2. Prefills, running and waiting merged by (key, index); on a tie the running
+        # prompt goes first.
         if not full:
-            waiting_keys = self._waiting_by_due
+            waiting_keys = waiting_index
             requests = self.requests
             admitting = True
             room_cap = min(optional_tokens, token_budget)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
+import math
 
 import numpy as np
 
+from fbjax.metrics import capacity_search
 from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.latency import StepFeatures
 from fbjax.sim.experiment import SLO, sim_requests
 from fbjax.sim.instance import (
     PolicySpec,
@@ -89,6 +93,47 @@ def unloaded_ttft_floor(profile: Profile, trace: Trace, percentile: float = 99.0
     return float(np.percentile(times, percentile)) if times else 0.0
 
 
+def ideal_capacity(profile: Profile, trace: Trace, slo: SLO, *, target: float = 0.99,
+                   tol: float = 0.01) -> float:
+    """Capacity (rate scale with ``target`` of first tokens within their TTFT SLOs) of an
+    idealized instance: every prompt token costs the profile's best per-token prefill
+    time (the most efficient bucket, no attention), steps pack prompts perfectly, decodes
+    are free, and prefill is preempted at will in deadline order (EDF). No policy on the
+    real step mechanism should reach it, so it shows how much capacity a trace's bursts
+    leave to win at all: a goal of ``g`` x a baseline's capacity above it is out of
+    reach. An estimate, not a proof: EDF is optimal when every deadline can be met, not
+    for the most deadlines met."""
+    served, _ = sim_requests(trace, slo, profile)
+    if not served:
+        return 0.0
+    per_token = min(
+        profile.latency.predict(profile.buckets.pick(n, 1),
+                                StepFeatures.of_chunks([(n, n, False)])) / n
+        for n in profile.buckets.token_buckets)
+    jobs = sorted((r.arrival_s, r.prompt_len * per_token, r.ttft_slo) for r in served)
+
+    def attainment(scale: float) -> float:
+        met, now, i, ready = 0, 0.0, 0, []  # ready: (deadline, arrival, work left)
+        while i < len(jobs) or ready:
+            if not ready:
+                now = max(now, jobs[i][0] / scale)
+            while i < len(jobs) and jobs[i][0] / scale <= now:
+                arrival, work, ttft = jobs[i]
+                heapq.heappush(ready, (arrival / scale + ttft, arrival / scale, work))
+                i += 1
+            deadline, arrival, work = heapq.heappop(ready)
+            next_arrival = jobs[i][0] / scale if i < len(jobs) else math.inf
+            if now + work <= next_arrival:
+                now += work
+                met += now <= deadline
+            else:  # runs until the next arrival, which may take over
+                heapq.heappush(ready, (deadline, arrival, work - (next_arrival - now)))
+                now = next_arrival
+        return met / len(jobs)
+
+    return capacity_search(attainment, target=target, lo=0.05, hi=1.0, tol=tol).rate_scale
+
+
 def setting_for(name: str, profile: Profile, trace: Trace) -> Setting:
     if name not in SLO_SETTINGS:
         raise ValueError(f"unknown SLO setting {name!r}; choose one of {list(SLO_SETTINGS)}")
@@ -124,5 +169,7 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
                        fairbatching=dataclasses.replace(fb, anchor="arrival")),
             PolicySpec("fairbatching", label="fb-no-stall-cap",
                        fairbatching=dataclasses.replace(fb, max_decode_stall_tpots=None)),
+            PolicySpec("fairbatching", label="fb-edf-only",
+                       fairbatching=dataclasses.replace(fb, fcfs_headroom=None)),
         ]
     return out

@@ -29,9 +29,10 @@ class ReferenceFairBatching(FairBatchingScheduler):
         due = self.due
         # Each deadline computed once; the index breaks ties in queue order.
         by_due = sorted((due(r), i, r) for i, r in enumerate(decodes))
-        partial_by_due = sorted((due(r), i, r) for i, r in enumerate(partial))
+        waiting_index, key = self.prefill_order(partial, now)
+        partial_by_due = sorted((key(r), i, r) for i, r in enumerate(partial))
         requests = self.requests
-        waiting_by_due = [(d, i, requests[rid]) for d, i, rid in self._waiting_by_due]
+        waiting_by_due = [(d, i, requests[rid]) for d, i, rid in waiting_index]
         budget = self._budget(by_due[0][0], decodes, now) if decodes else math.inf
         if self.config.fair_formation:
             margin = self.config.urgency_margin

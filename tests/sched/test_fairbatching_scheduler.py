@@ -168,6 +168,8 @@ def test_config_validation():
         FairBatchingConfig(max_decode_stall_s=0)
     with pytest.raises(ValueError):
         FairBatchingConfig(max_decode_stall_tpots=-1.0)
+    with pytest.raises(ValueError, match="fcfs_headroom"):
+        FairBatchingConfig(fcfs_headroom=0.0)
     with pytest.raises(ValueError, match="latency model lacks buckets"):
         make_fb(model=LatencyModel({(16, 4): np.zeros(len(FEATURES))}))
 
@@ -406,6 +408,58 @@ def test_waiting_prompt_that_does_not_fit_stops_admission():
     plan = sched.schedule(NOW)
     assert chunks_of(plan) == [("d", 1)]
     assert ids(sched.waiting) == ["big", "small"]
+
+
+# ----- prefill order -------------------------------------------------------------------------
+# A long prompt with a lenient SLO of its own ("long": 300 tokens, TTFT 20 s) that arrived
+# before a short one with the default 3 s SLO ("short": 50 tokens). The step holds 256
+# tokens and no decodes, so whichever goes first takes it. The queue's prefill time is
+# 350 tokens x ~1.04 ms (a full step's 0.2665 s / 256) = 0.364 s.
+
+def prefill_race(long_arrival: float, short_arrival: float, **config):
+    sched = make_fb(FairBatchingConfig(**config), max_tokens=256)
+    put_waiting(sched, "long", 300, arrival=long_arrival, ttft_slo=20.0)
+    put_waiting(sched, "short", 50, arrival=short_arrival)
+    assert sched.prefill_s_per_token == pytest.approx((A + 256 * B_PREFILL) / 256)
+    return chunks_of(sched.schedule(NOW))
+
+
+def test_prefills_go_first_come_first_served_while_no_deadline_is_at_stake():
+    # Earliest deadline: short's, 9.5 + 3 = 12.5, 2.5 s away; 2 x 0.364 s fits: FCFS.
+    assert prefill_race(9.0, 9.5) == [("long", 256)]
+
+
+def test_prefills_go_by_deadline_once_one_is_at_stake():
+    # short is due at 7.5 + 3 = 10.5, 0.5 s away: under 2 x 0.364 s, so EDF...
+    assert prefill_race(7.0, 7.5) == [("short", 50), ("long", 206)]
+    # ...but with a headroom of 1 the queue (0.364 s) still fits: FCFS.
+    assert prefill_race(7.0, 7.5, fcfs_headroom=1.0) == [("long", 256)]
+
+
+def test_fcfs_headroom_none_is_always_by_deadline():
+    assert prefill_race(9.0, 9.5, fcfs_headroom=None) == [("short", 50), ("long", 206)]
+
+
+def test_fcfs_keeps_an_earlier_own_deadline():
+    sched = make_fb()
+    late = put_waiting(sched, "late", 10, arrival=9.0)  # FCFS key 9 + 3 = 12
+    urgent = put_waiting(sched, "urgent", 10, arrival=9.5, ttft_slo=0.5)  # due at 10
+    assert sched.fcfs_key(late) == pytest.approx(12.0)
+    assert sched.fcfs_key(urgent) == pytest.approx(10.0)
+    assert chunks_of(sched.schedule(NOW))[0] == ("urgent", 10)
+
+
+def test_running_prompts_follow_the_same_order():
+    # Both partly prefilled, running: the same race, decided by the same order.
+    for long_arrival, short_arrival, first in ((9.0, 9.5, "long"), (7.0, 7.5, "short")):
+        sched = make_fb(max_tokens=256)
+        for rid, n, arrival, slo in (("long", 316, long_arrival, 20.0),
+                                     ("short", 66, short_arrival, None)):
+            r = put_waiting(sched, rid, n, arrival=arrival, ttft_slo=slo)
+            assert sched.kv.ensure(rid, 16)
+            sched.admit(r, arrival)
+            r.num_computed_tokens = 16
+        assert chunks_of(sched.schedule(NOW))[0][0] == first
 
 
 # ----- empty queue ---------------------------------------------------------------------------

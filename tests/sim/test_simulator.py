@@ -253,3 +253,33 @@ def test_profile_host_overhead_is_the_simulators_default(tmp_path):
     assert by_default == pytest.approx(explicit)
     assert simulate(trace, spec, loaded, SLO(3.0, 0.1), step_overhead_s=0.0
                     ).records[0].ttft == pytest.approx(explicit - 3 * 0.002)
+
+
+def test_ideal_capacity_by_hand_and_above_every_policy():
+    """The idealized instance of ``ideal_capacity`` on a hand-made trace: five prompts
+    of 1,000 tokens, 1 s apart, one TTFT SLO of 0.1 s. Each costs w = 1,000 x the best
+    per-token time; queued back to back, the k-th (from 0) is done at (k + 1) w after
+    the first arrival and due at k/s + 0.1, so all five are in time up to rate scale
+    s = 4 / (5 w - 0.1). On a real slice it caps what the policies reach."""
+    from fbjax.sched.latency import StepFeatures
+    from fbjax.sim.experiment import SLO, capacity
+    from fbjax.sim.instance import load_profile
+    from fbjax.sim.protocol import ideal_capacity, policy_specs, protocol_trace, setting_for
+    from fbjax.traces import Trace, TraceRequest
+
+    profile = load_profile("a100-llama3-8b")
+    per_token = min(profile.latency.predict(profile.buckets.pick(n, 1),
+                                            StepFeatures.of_chunks([(n, n, False)])) / n
+                    for n in profile.buckets.token_buckets)
+    trace = Trace("five", [TraceRequest(float(k), 1000, 4) for k in range(5)])
+    w = 1000 * per_token
+    expected = 4 / (5 * w - 0.1)
+    found = ideal_capacity(profile, trace, SLO(0.1, 1.0), target=1.0, tol=0.005)
+    assert expected * 0.99 <= found <= expected
+
+    trace = protocol_trace("azure_llm_2023_conv", 60)
+    setting = setting_for("strict", profile, trace)
+    ideal = ideal_capacity(profile, trace, setting.slo)
+    for spec in policy_specs(setting, oracle=False, ablations=False):
+        assert capacity(trace, spec, profile, setting.slo, tol=0.05, lo=0.05,
+                        hi=1.0).rate_scale < ideal
