@@ -106,8 +106,8 @@ class FairBatchingConfig:
     adaptive_capacity: bool = True
     fair_formation: bool = True
     # Prefills go FCFS (by arrival, or by their own deadline if it is earlier than the
-    # default TTFT SLO's) while the queued prompt tokens, at the knee's prefill rate,
-    # take at most 1 / fcfs_headroom of the time to the earliest prefill deadline; EDF
+    # default TTFT SLO's) while the queued prompts, each prefilled alone in knee-sized
+    # chunks, take at most 1 / fcfs_headroom of the time to the earliest deadline; EDF
     # otherwise. None: always EDF. Then every queued prompt finishes in time in any
     # order even if decodes take half of each step, so EDF would buy nothing. On the
     # A100 Llama-3-8B profile (azure code/conv, 300 s, at Sarathi-deployed's capacity)
@@ -153,13 +153,24 @@ class FairBatchingScheduler(Scheduler):
         self._waiting_by_due: list[tuple[float, int, str]] = []
         self._waiting_by_arrival: list[tuple[float, int, str]] = []
         self._waiting_keys: dict[str, tuple[tuple[float, int, str],
-                                            tuple[float, int, str], int]] = {}
-        self._waiting_tokens = 0
+                                            tuple[float, int, str], float]] = {}
+        self._waiting_work = 0.0  # their prefill_time(), summed
         self._arrivals = itertools.count()
-        # Step time per prompt token at the knee: the queue's prefill time, roughly.
+        # prefill_time(n) = linear * n + quadratic * n**2, exact at multiples of the knee.
         knee = self.step_tokens
-        self.prefill_s_per_token = latency.predict(
-            limits.buckets.pick(knee, 1), StepFeatures.of_chunks([(knee, knee, False)])) / knee
+        one, two = (sum(latency.predict(limits.buckets.pick(knee, 1),
+                                        StepFeatures.of_chunks([(knee, (i + 1) * knee, False)]))
+                        for i in range(k)) for k in (1, 2))
+        # Clamped: a model whose later chunks cost less would make a long queue free.
+        self._prefill_quadratic = max(0.0, (two - 2 * one) / (2 * knee * knee))
+        self._prefill_linear = one / knee - self._prefill_quadratic * knee
+
+    def prefill_time(self, tokens: int) -> float:
+        """Predicted time to prefill ``tokens`` prompt tokens alone in knee-sized chunks:
+        the latency model is linear in each step's work, and chunk after chunk the
+        attention work grows with the prefix, so the sum is quadratic in ``tokens``
+        (exact at multiples of the knee). The queue's prefill work in prefill_order()."""
+        return (self._prefill_linear + self._prefill_quadratic * tokens) * tokens
 
     def _waiting_added(self, request: Request) -> None:
         number, rid = next(self._arrivals), request.request_id
@@ -167,14 +178,16 @@ class FairBatchingScheduler(Scheduler):
         by_arrival = (self.fcfs_key(request), number, rid)
         bisect.insort(self._waiting_by_due, by_due)
         bisect.insort(self._waiting_by_arrival, by_arrival)
-        self._waiting_keys[rid] = (by_due, by_arrival, request.num_tokens)
-        self._waiting_tokens += request.num_tokens
+        work = self.prefill_time(request.num_tokens)
+        self._waiting_keys[rid] = (by_due, by_arrival, work)
+        self._waiting_work += work
 
     def _waiting_removed(self, request: Request) -> None:
-        by_due, by_arrival, tokens = self._waiting_keys.pop(request.request_id)
+        by_due, by_arrival, work = self._waiting_keys.pop(request.request_id)
         del self._waiting_by_due[bisect.bisect_left(self._waiting_by_due, by_due)]
         del self._waiting_by_arrival[bisect.bisect_left(self._waiting_by_arrival, by_arrival)]
-        self._waiting_tokens -= tokens
+        # Back to exactly zero when the queue empties, whatever the rounding on the way.
+        self._waiting_work = self._waiting_work - work if self._waiting_keys else 0.0
 
     def knee_tokens(self, context: int = 1024) -> int:
         """Smallest token bucket whose per-token prefill time (one chunk after a
@@ -227,20 +240,22 @@ class FairBatchingScheduler(Scheduler):
     def prefill_order(self, partial: list[Request], now: float
                       ) -> tuple[list[tuple[float, int, str]], Callable[[Request], float]]:
         """The waiting index and the key of running prompts (``partial``) for this step:
-        FCFS while the queue's prefill time fits ``fcfs_headroom`` times in the time to
-        the earliest prefill deadline, EDF otherwise."""
+        FCFS while the queue's prefill time (``prefill_time`` of what each prompt has
+        left) fits ``fcfs_headroom`` times in the time to the earliest prefill deadline,
+        EDF otherwise."""
         headroom = self.config.fcfs_headroom
         due = self.due
         if headroom is None or not (partial or self._waiting_by_due):
             return self._waiting_by_due, due
         earliest = self._waiting_by_due[0][0] if self._waiting_by_due else math.inf
-        queued = self._waiting_tokens
+        queued = self._waiting_work
+        prefill_time = self.prefill_time
         for r in partial:
             d = due(r)
             if d < earliest:
                 earliest = d
-            queued += r.num_remaining
-        if queued * self.prefill_s_per_token * headroom <= earliest - now:
+            queued += prefill_time(r.num_tokens) - prefill_time(r.num_computed_tokens)
+        if queued * headroom <= earliest - now:
             return self._waiting_by_arrival, self.fcfs_key
         return self._waiting_by_due, due
 

@@ -420,8 +420,17 @@ def prefill_race(long_arrival: float, short_arrival: float, **config):
     sched = make_fb(FairBatchingConfig(**config), max_tokens=256)
     put_waiting(sched, "long", 300, arrival=long_arrival, ttft_slo=20.0)
     put_waiting(sched, "short", 50, arrival=short_arrival)
-    assert sched.prefill_s_per_token == pytest.approx((A + 256 * B_PREFILL) / 256)
+    assert sched.prefill_time(350) == pytest.approx(350 * (A + 256 * B_PREFILL) / 256)
     return chunks_of(sched.schedule(NOW))
+
+
+def test_prefill_time_sums_the_chunks_attention_included():
+    coef = np.array([0.01, 1e-3, 2e-3, 1e-6, 3e-5, 0.0])  # attention work grows per chunk
+    sched = make_fb(model=LatencyModel({p: coef for p in BUCKETS.pairs()}), max_tokens=128)
+    by_hand = sum(sched.latency.predict(BUCKETS.pick(128, 1), StepFeatures.of_chunks(
+        [(128, 128 * (i + 1), False)])) for i in range(5))
+    assert sched.prefill_time(5 * 128) == pytest.approx(by_hand, rel=1e-12)
+    assert sched.prefill_time(0) == 0.0
 
 
 def test_prefills_go_first_come_first_served_while_no_deadline_is_at_stake():
