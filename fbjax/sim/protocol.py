@@ -93,45 +93,69 @@ def unloaded_ttft_floor(profile: Profile, trace: Trace, percentile: float = 99.0
     return float(np.percentile(times, percentile)) if times else 0.0
 
 
-def ideal_capacity(profile: Profile, trace: Trace, slo: SLO, *, target: float = 0.99,
-                   tol: float = 0.01) -> float:
-    """Capacity (rate scale with ``target`` of first tokens within their TTFT SLOs) of an
-    idealized instance: every prompt token costs the profile's best per-token prefill
-    time (the most efficient bucket, no attention), steps pack prompts perfectly, decodes
-    are free, and prefill is preempted at will in deadline order (EDF). No policy on the
-    real step mechanism should reach it, so it shows how much capacity a trace's bursts
-    leave to win at all: a goal of ``g`` x a baseline's capacity above it is out of
-    reach. An estimate, not a proof: EDF is optimal when every deadline can be met, not
-    for the most deadlines met."""
-    served, _ = sim_requests(trace, slo, profile)
-    if not served:
-        return 0.0
+# Orders the ideal instance may serve prompts in: arrival, shortest prompt, deadline.
+IDEAL_ORDERS = ("fcfs", "shortest", "deadline")
+
+
+def ideal_ttfts(profile: Profile, trace: Trace, slo: SLO, rate_scale: float = 1.0,
+                order: str = "deadline") -> tuple[np.ndarray, np.ndarray]:
+    """First-token times (after arrival) and TTFT SLOs of the requests on an idealized
+    instance: every prompt token costs the profile's best per-token prefill time (the
+    most efficient bucket, no attention), steps pack prompts perfectly, decodes are
+    free, and prefill is preempted at will in ``order`` (one of ``IDEAL_ORDERS``). No
+    policy on the real step mechanism should beat it, so it shows what a trace's bursts
+    leave to win at all."""
+    if order not in IDEAL_ORDERS:
+        raise ValueError(f"order must be one of {IDEAL_ORDERS}, got {order!r}")
+    served, _ = sim_requests(trace.scaled(rate_scale), slo, profile)
     per_token = min(
         profile.latency.predict(profile.buckets.pick(n, 1),
                                 StepFeatures.of_chunks([(n, n, False)])) / n
         for n in profile.buckets.token_buckets)
-    jobs = sorted((r.arrival_s, r.prompt_len * per_token, r.ttft_slo) for r in served)
+    jobs = [(r.arrival_s, r.prompt_len * per_token, r.ttft_slo) for r in served]
+    rank = {"fcfs": lambda j: j[0], "shortest": lambda j: j[1],
+            "deadline": lambda j: j[0] + j[2]}[order]
+    ttfts = np.zeros(len(jobs))
+    now, i, ready = 0.0, 0, []  # ready: (rank, index, work left)
+    while i < len(jobs) or ready:
+        if not ready:
+            now = max(now, jobs[i][0])
+        while i < len(jobs) and jobs[i][0] <= now:
+            heapq.heappush(ready, (rank(jobs[i]), i, jobs[i][1]))
+            i += 1
+        key, j, work = heapq.heappop(ready)
+        next_arrival = jobs[i][0] if i < len(jobs) else math.inf
+        if now + work <= next_arrival:
+            now += work
+            ttfts[j] = now - jobs[j][0]
+        else:  # runs until the next arrival, which may take over
+            heapq.heappush(ready, (key, j, work - (next_arrival - now)))
+            now = next_arrival
+    return ttfts, np.array([j[2] for j in jobs])
 
+
+def ideal_capacity(profile: Profile, trace: Trace, slo: SLO, *, target: float = 0.99,
+                   tol: float = 0.01) -> float:
+    """Capacity (rate scale with ``target`` of first tokens within their TTFT SLOs) of
+    the idealized instance of ``ideal_ttfts``, in deadline order: a goal of ``g`` x a
+    baseline's capacity above it is out of reach. An estimate, not a proof: EDF is
+    optimal when every deadline can be met, not for the most deadlines met."""
     def attainment(scale: float) -> float:
-        met, now, i, ready = 0, 0.0, 0, []  # ready: (deadline, arrival, work left)
-        while i < len(jobs) or ready:
-            if not ready:
-                now = max(now, jobs[i][0] / scale)
-            while i < len(jobs) and jobs[i][0] / scale <= now:
-                arrival, work, ttft = jobs[i]
-                heapq.heappush(ready, (arrival / scale + ttft, arrival / scale, work))
-                i += 1
-            deadline, arrival, work = heapq.heappop(ready)
-            next_arrival = jobs[i][0] / scale if i < len(jobs) else math.inf
-            if now + work <= next_arrival:
-                now += work
-                met += now <= deadline
-            else:  # runs until the next arrival, which may take over
-                heapq.heappush(ready, (deadline, arrival, work - (next_arrival - now)))
-                now = next_arrival
-        return met / len(jobs)
+        ttfts, slos = ideal_ttfts(profile, trace, slo, scale)
+        return float(np.mean(ttfts <= slos)) if len(ttfts) else 1.0
 
     return capacity_search(attainment, target=target, lo=0.05, hi=1.0, tol=tol).rate_scale
+
+
+def ideal_ttft_percentile(profile: Profile, trace: Trace, slo: SLO, rate_scale: float,
+                          percentile: float = 99.0) -> tuple[float, str]:
+    """The lowest ``percentile`` TTFT of the idealized instance (``ideal_ttfts``) over
+    its orders, and that order: at a given load, a baseline's percentile over this
+    bounds the reduction a policy can show (an estimate: the best order for a
+    percentile need not be among these three)."""
+    return min(((float(np.percentile(ideal_ttfts(profile, trace, slo, rate_scale, o)[0],
+                                     percentile)), o) for o in IDEAL_ORDERS),
+               key=lambda value_order: value_order[0])  # ties: the first in IDEAL_ORDERS
 
 
 def setting_for(name: str, profile: Profile, trace: Trace) -> Setting:

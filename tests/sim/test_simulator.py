@@ -283,3 +283,33 @@ def test_ideal_capacity_by_hand_and_above_every_policy():
     for spec in policy_specs(setting, oracle=False, ablations=False):
         assert capacity(trace, spec, profile, setting.slo, tol=0.05, lo=0.05,
                         hi=1.0).rate_scale < ideal
+
+
+def test_ideal_ttfts_in_each_order_by_hand():
+    """Two prompts on the idealized instance: 3,000 tokens at 0 s, then 1,000 at 1 ms
+    (w = 1,000 x the best per-token time). FCFS (and EDF, with one TTFT SLO) finishes
+    the long one at 3w, the short at 4w; shortest-first lets the short one in at 1 ms."""
+    from fbjax.sched.latency import StepFeatures
+    from fbjax.sim.experiment import SLO
+    from fbjax.sim.instance import load_profile
+    from fbjax.sim.protocol import ideal_ttft_percentile, ideal_ttfts
+    from fbjax.traces import Trace, TraceRequest
+
+    profile = load_profile("a100-llama3-8b")
+    w = 1000 * min(profile.latency.predict(profile.buckets.pick(n, 1),
+                                           StepFeatures.of_chunks([(n, n, False)])) / n
+                   for n in profile.buckets.token_buckets)
+    trace = Trace("two", [TraceRequest(0.0, 3000, 4), TraceRequest(0.001, 1000, 4)])
+    slo = SLO(10.0, 1.0)
+    for order in ("fcfs", "deadline"):
+        ttfts, slos = ideal_ttfts(profile, trace, slo, order=order)
+        assert ttfts == pytest.approx([3 * w, 4 * w - 0.001]) and list(slos) == [10.0, 10.0]
+    ttfts, _ = ideal_ttfts(profile, trace, slo, order="shortest")
+    assert ttfts == pytest.approx([4 * w, w])
+    # Twice the rate: the second arrives at 0.5 ms.
+    ttfts, _ = ideal_ttfts(profile, trace, slo, rate_scale=2.0, order="fcfs")
+    assert ttfts == pytest.approx([3 * w, 4 * w - 0.0005])
+    worst, order = ideal_ttft_percentile(profile, trace, slo, 1.0, percentile=100)
+    assert (worst, order) == (pytest.approx(4 * w - 0.001), "fcfs")
+    with pytest.raises(ValueError, match="order"):
+        ideal_ttfts(profile, trace, slo, order="random")
