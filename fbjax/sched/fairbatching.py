@@ -259,10 +259,18 @@ class FairBatchingScheduler(Scheduler):
             return self._waiting_by_arrival, self.fcfs_key
         return self._waiting_by_due, due
 
+    @property
+    def step_overhead_s(self) -> float:
+        """Host work per step that the latency model does not time (an engine
+        calibration records it in the model's metadata; 0 where not measured). A step
+        takes its predicted time plus this, so it comes off the time budget."""
+        return float(self.latency.metadata.get("host_overhead_s", 0.0))
+
     def time_budget(self, decodes: list[Request], now: float) -> float:
-        """The step's time budget from the running decodes (unbounded without any).
-        Urgency is judged against it even when ``adaptive_capacity`` is off; then it
-        just does not bound the step's size (the token budget does)."""
+        """The step's time budget from the running decodes (unbounded without any), wall
+        time: the predicted step must fit in it less ``step_overhead_s``. Urgency is
+        judged against it even when ``adaptive_capacity`` is off; then it just does not
+        bound the step's size (the token budget does)."""
         if not decodes:
             return math.inf
         return self._budget(min(self.due(r) for r in decodes), decodes, now)
@@ -315,7 +323,8 @@ class FairBatchingScheduler(Scheduler):
         # (key, index, request): the index breaks ties in queue order.
         partial_in_order = sorted([(key(r), i, r) for i, r in enumerate(partial)])
         return self._form(decodes, urgent, partial_in_order, waiting_index, relaxed,
-                          budget if config.adaptive_capacity else math.inf, now)
+                          budget - self.step_overhead_s if config.adaptive_capacity
+                          else math.inf, now)
 
     def _tpots(self, decodes: _Decodes) -> list[float]:
         """Each decode's TPOT SLO (``tpot_slo()``)."""
@@ -712,6 +721,7 @@ class FairBatchingScheduler(Scheduler):
         budget a router may fill. Negative means overloaded by that many tokens.
         """
         horizon = self.config.load_horizon_s or self.config.ttft_slo_s
+        overhead = self.step_overhead_s
         decodes = [r for r in self.running if r.num_remaining == 1 and r.num_output_tokens]
         decode_time = 0.0
         if decodes:
@@ -720,11 +730,11 @@ class FairBatchingScheduler(Scheduler):
                                                   self.limits.max_num_batched_tokens),
                                               min(feats.num_seqs, self.limits.max_num_seqs))
             steps = horizon / min(self.tpot_slo(r) for r in decodes)
-            decode_time = min(horizon, steps * self.latency.predict(bucket, feats))
+            decode_time = min(horizon, steps * (self.latency.predict(bucket, feats) + overhead))
         full_tokens = self.limits.max_num_batched_tokens
         full = StepFeatures.of_chunks([(full_tokens, full_tokens, False)])
         full_bucket = self.limits.buckets.pick(full_tokens, 1)
-        prefill_rate = full_tokens / self.latency.predict(full_bucket, full)
+        prefill_rate = full_tokens / (self.latency.predict(full_bucket, full) + overhead)
         queued = sum(r.num_remaining for r in self.running if r.num_remaining > 1)
         queued += sum(self.remaining_after_cache(r) for r in self.waiting)
         capacity = (horizon - decode_time) * prefill_rate

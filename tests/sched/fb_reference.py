@@ -41,7 +41,8 @@ class ReferenceFairBatching(FairBatchingScheduler):
         else:
             urgent, relaxed = [r for _, _, r in by_due], []
         return self._ref_form(urgent, partial_by_due, waiting_by_due, relaxed,
-                          budget if self.config.adaptive_capacity else math.inf, now)
+                              budget - self.step_overhead_s if self.config.adaptive_capacity
+                              else math.inf, now)
 
     def _ref_form(self, urgent: list[Request], partial: list, waiting: list,
               relaxed: list[Request], budget: float, now: float) -> StepPlan:

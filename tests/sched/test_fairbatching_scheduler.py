@@ -300,6 +300,26 @@ def test_decode_without_slack_runs_first():
     assert ok.status is RequestStatus.RUNNING and late.status is RequestStatus.RUNNING
 
 
+def test_host_overhead_per_step_comes_off_the_time_budget():
+    model = linear_model()
+    model.metadata["host_overhead_s"] = 0.05
+    sched = make_fb(model=model)
+    put_decode(sched, "late", [9.78, 9.88], arrival=9.0)  # due 9.98: budget 0.1
+    put_waiting(sched, "w", 300, arrival=9.95)
+    plan = sched.schedule(NOW)
+    # The step may be predicted at 0.1 - 0.05 s: late 0.0155; w: n <= 34.5 -> 32.
+    assert chunks_of(plan) == [("late", 1), ("w", 32)]
+    assert step_time(sched, plan) + 0.05 <= 0.1
+    # The load estimate pays it on every step too.
+    plain = make_fb()
+    put_decode(plain, "late", [9.78, 9.88], arrival=9.0)
+    est, plain_est = sched.load_estimate(NOW), plain.load_estimate(NOW)
+    assert est["prefill_tokens_per_s"] == pytest.approx(
+        512 / (A + 512 * B_PREFILL + 0.05))
+    assert est["decode_time_s"] == pytest.approx(
+        plain_est["decode_time_s"] * (A + C_DECODE + 0.05) / (A + C_DECODE))
+
+
 def test_urgent_decodes_run_even_when_they_alone_exceed_the_budget():
     sched = make_fb(model=linear_model(a=0.3))  # every step takes > 0.3 s, TPOT 0.1
     put_decode(sched, "u1", [9.95])  # due 10.05
