@@ -108,12 +108,14 @@ class FairBatchingConfig:
     # Prefills go FCFS (by arrival, or by their own deadline if it is earlier than the
     # default TTFT SLO's) while the queued prompts, each prefilled alone in knee-sized
     # chunks, take at most 1 / fcfs_headroom of the time to the earliest deadline; EDF
-    # otherwise. None: always EDF. Then every queued prompt finishes in time in any
-    # order even if decodes take half of each step, so EDF would buy nothing. On the
-    # A100 Llama-3-8B profile (azure code/conv, 300 s, at Sarathi-deployed's capacity)
-    # this cut FairBatching's P99 TTFT by 11-34% at an unchanged capacity in every
-    # setting; headroom 1 and 4 kept less of it (conv relaxed P99 1.80 s and 2.06 s vs
-    # 1.67 s at 2; always-EDF 2.51 s), and FCFS at all times lost 20% of capacity.
+    # otherwise (None: always EDF). While it holds, every queued prompt finishes in
+    # time in any order even if decodes take half of each step: EDF would buy nothing. A100
+    # Llama-3-8B profile, first 300 s, at Sarathi-deployed's capacity, P99 TTFT with
+    # always-EDF / headroom 1 / 2 / 4: azure conv strict 765 / 656 / 673 / 689 ms, conv
+    # relaxed 2513 / 1815 / 1741 / 2158 ms, code relaxed 2776 / 2257 / 2282 / 2617 ms;
+    # P50 rises the more FCFS is used (conv relaxed 139 / 262 / 241 / 188 ms, Sarathi's
+    # 326). Capacity stayed EDF's at 2 (scripts/bench_schedulers.py, row
+    # fb-edf-only); FCFS at all times lost 20% of it (conv strict 0.97 vs 1.22).
     fcfs_headroom: float | None = 2.0
 
     def __post_init__(self) -> None:
@@ -149,7 +151,7 @@ class FairBatchingScheduler(Scheduler):
         # Waiting requests sorted by deadline and in FCFS order (``fcfs_key``), kept up
         # to date as they come and go: neither key can change while a request waits, and
         # with a thousand queued prompts re-sorting them every step would dominate its
-        # cost. Their tokens are counted for the choice between the two orders.
+        # cost. Their prefill work is summed for the choice between the two orders.
         self._waiting_by_due: list[tuple[float, int, str]] = []
         self._waiting_by_arrival: list[tuple[float, int, str]] = []
         self._waiting_keys: dict[str, tuple[tuple[float, int, str],
