@@ -114,8 +114,11 @@ class FairBatchingConfig:
     # always-EDF / headroom 1 / 2 / 4: azure conv strict 765 / 656 / 673 / 689 ms, conv
     # relaxed 2513 / 1815 / 1741 / 2158 ms, code relaxed 2776 / 2257 / 2282 / 2617 ms;
     # P50 rises the more FCFS is used (conv relaxed 139 / 262 / 241 / 188 ms, Sarathi's
-    # 326). Capacity stayed EDF's at 2 (scripts/bench_schedulers.py, row
-    # fb-edf-only); FCFS at all times lost 20% of it (conv strict 0.97 vs 1.22).
+    # 326). Capacity stayed EDF's at 2 on those traces and on mooncake conversation
+    # (scripts/bench_schedulers.py, row fb-edf-only) but not on mooncake synthetic
+    # (Poisson arrivals): 0.110 vs 0.114 (0.110 at 3, 0.113 at 4). The price of FCFS:
+    # it spends slack that EDF banks, by leaving long prompts for later, for the next
+    # burst. FCFS at all times lost 20% (conv strict 0.97 vs 1.22).
     fcfs_headroom: float | None = 2.0
 
     def __post_init__(self) -> None:
