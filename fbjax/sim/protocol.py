@@ -153,9 +153,15 @@ def ideal_ttft_percentile(profile: Profile, trace: Trace, slo: SLO, rate_scale: 
     its orders, and that order: at a given load, a baseline's percentile over this
     bounds the reduction a policy can show (an estimate: the best order for a
     percentile need not be among these three)."""
-    return min(((float(np.percentile(ideal_ttfts(profile, trace, slo, rate_scale, o)[0],
-                                     percentile)), o) for o in IDEAL_ORDERS),
-               key=lambda value_order: value_order[0])  # ties: the first in IDEAL_ORDERS
+    best = (math.inf, IDEAL_ORDERS[0])
+    for order in IDEAL_ORDERS:  # ties: the first in IDEAL_ORDERS
+        ttfts, _ = ideal_ttfts(profile, trace, slo, rate_scale, order)
+        if not len(ttfts):  # nothing the instance could serve
+            return 0.0, order
+        value = float(np.percentile(ttfts, percentile))
+        if value < best[0]:
+            best = (value, order)
+    return best
 
 
 def setting_for(name: str, profile: Profile, trace: Trace) -> Setting:
