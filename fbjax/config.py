@@ -1,4 +1,4 @@
-"""Plain configuration dataclasses, one per layer, loadable from configs/*.json.
+"""Plain configuration dataclasses, one per layer, loadable from JSON (``fbjax/configs``).
 
 Pure Python (no JAX) so the scheduler and the simulator can share them.
 """
@@ -11,10 +11,6 @@ import functools
 import json
 from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIGS_DIR = REPO_ROOT / "configs"
-BUILTIN_MODEL_CONFIG = CONFIGS_DIR / "models" / "builtin-tiny.json"
 
 
 class ConfigError(ValueError):
@@ -67,7 +63,7 @@ class CacheConfig:
     """Paged KV cache: ``num_pages`` pages of ``page_size`` token slots each.
 
     ``enable_prefix_caching``: full pages are kept under a key of their tokens and
-    reused by later requests with the same prefix (see ``engine.kv_cache``). On by
+    reused by later requests with the same prefix (see ``sched.kv_cache``). On by
     default, as in vLLM and SGLang: outputs are unchanged (tested), and a request
     without a shared prefix only pays a dictionary look-up per page."""
 

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from fbjax.metrics import RequestMetrics, prefill_decode_share, summarize
+from fbjax.profiling.store import Profile
 from fbjax.sched.base import StepPlan
 from fbjax.sched.fairbatching import FairBatchingConfig
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.request import SamplingParams
 from fbjax.sim.experiment import SLO, Outcome
-from fbjax.sim.instance import PolicySpec, Profile
+from fbjax.sim.instance import PolicySpec
 from fbjax.sim.simulator import SimResult, StepRecord
 from fbjax.traces import Trace, TraceRequest, load_trace
 

@@ -24,9 +24,11 @@ from typing import Any
 from absl import app, flags
 from tqdm import tqdm
 
+from fbjax.profiling.store import Profile, load_profile
+from fbjax.resources import PACKAGED_PROFILES_DIR as PROFILES_DIR
 from fbjax.sched.latency import StepFeatures
 from fbjax.sim.experiment import capacity
-from fbjax.sim.instance import PROFILES_DIR, Profile, build_scheduler, load_profile
+from fbjax.sim.instance import build_scheduler
 from fbjax.sim.protocol import policy_specs, protocol_trace, setting_for
 
 FLAGS = flags.FLAGS
@@ -45,7 +47,7 @@ def this_machine_profiles(out: Path, measure: bool, time_limit_s: float) -> dict
     """Profiles of the backends JAX sees here: measured now, or the committed ones."""
     import jax
 
-    from fbjax.profiling import current_device_key, default_profile_path, model_key
+    from fbjax.profiling.store import current_device_key, default_profile_path, model_key
 
     found = {}
     for platform in sorted({d.platform for d in jax.devices()}):

@@ -47,15 +47,14 @@ def main(argv: list[str]) -> int:
     import dataclasses
 
     from fbjax.engine.engine import LLMEngine
-    from fbjax.profiling import (
-        ProfileError,
-        default_profile_path,
+    from fbjax.profiling.measure import (
         engine_metadata,
         fit_profile,
         measure,
         plot_profile,
         profile_grid,
     )
+    from fbjax.profiling.store import ProfileError, default_profile_path
 
     try:
         config = engine_config_from_flags()

@@ -32,9 +32,10 @@ from absl import app, flags
 from tqdm import tqdm
 
 from fbjax.metrics import format_table
+from fbjax.profiling.store import load_profile
 from fbjax.sched.fairbatching import ANCHORS, FairBatchingConfig
 from fbjax.sim.experiment import SLO, Outcome, capacity, simulate
-from fbjax.sim.instance import PolicySpec, deployed_chunk_size, load_profile
+from fbjax.sim.instance import PolicySpec, deployed_chunk_size
 from fbjax.traces import TraceError, load_trace
 
 FLAGS = flags.FLAGS
@@ -151,7 +152,7 @@ def engine_main(trace) -> int:
         scheduler_config,
         step_time_summary,
     )
-    from fbjax.profiling import ProfileError
+    from fbjax.profiling.store import ProfileError
 
     if FLAGS.capacity:
         raise ValueError("--capacity needs the simulator (it replays at many rates); "

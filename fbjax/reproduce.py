@@ -24,9 +24,9 @@ from typing import Any
 from absl import app, flags
 from tqdm import tqdm
 
+from fbjax.profiling.store import Profile, load_profile
 from fbjax.sim.cluster import cluster_capacity
 from fbjax.sim.experiment import capacity, simulate
-from fbjax.sim.instance import Profile, load_profile
 from fbjax.sim.protocol import PolicySpec, policy_specs, protocol_trace, setting_for
 from fbjax.traces import Trace, available_traces
 

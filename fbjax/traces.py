@@ -16,7 +16,8 @@ start of the trace. Loaders:
   Poisson).
 * :func:`synthetic` -- fixed or uniform lengths with Gamma arrivals.
 * :func:`load_trace` -- dispatch on the file's suffix and header; bare names such as
-  ``"azure_llm_2023_conv"`` resolve against ``<shared>/data/traces/``.
+  ``"azure_llm_2023_conv"`` resolve against ``<shared>/data/traces/`` (see
+  :mod:`fbjax.resources` for where ``<shared>`` is looked for).
 
 Malformed input raises :class:`TraceError`, whose message names the file and the line.
 """
@@ -28,7 +29,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from fbjax.resources import SharedDataNotFound, shared_dir
 
+TRACES_SUBDIR = "data/traces"
 AZURE_HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
 MOONCAKE_BLOCK_SIZE = 512  # tokens per hash_ids block in the Mooncake traces
@@ -163,20 +164,18 @@ class Trace:
 # ----------------------------------------------------------------------------- helpers
 
 
-def shared_dir() -> Path:
-    """``$FBJAX_SHARED`` if set, else ``<repo root>/../shared``."""
-    env = os.environ.get("FBJAX_SHARED")
-    return Path(env) if env else REPO_ROOT.parent / "shared"
-
-
 def traces_dir() -> Path:
-    return shared_dir() / "data" / "traces"
+    """``<shared>/data/traces`` (see :mod:`fbjax.resources`); raises
+    :class:`~fbjax.resources.SharedDataNotFound` saying where it looked."""
+    return shared_dir(TRACES_SUBDIR) / TRACES_SUBDIR
 
 
 def available_traces() -> list[str]:
-    """Names (file stems) of the trace files in the shared traces directory."""
-    d = traces_dir()
-    if not d.is_dir():
+    """Names (file stems) of the trace files in the shared traces directory; none when
+    there is no shared data."""
+    try:
+        d = traces_dir()
+    except SharedDataNotFound:
         return []
     return sorted(p.stem for p in d.iterdir() if p.suffix in TRACE_SUFFIXES)
 
@@ -473,7 +472,11 @@ def resolve_trace_path(path_or_name: str | Path) -> Path:
     if p.exists():
         return p
     if p.parent == Path(".") or str(p.parent) == "":
-        d = traces_dir()
+        try:
+            d = traces_dir()
+        except SharedDataNotFound as e:
+            raise TraceError(f"trace not found: {str(path_or_name)!r} is neither a file nor "
+                             f"a trace name; available: none ({e})") from None
         candidates = [d / p.name] + [d / (p.name + s) for s in TRACE_SUFFIXES]
         for c in candidates:
             if c.is_file():

@@ -53,7 +53,8 @@ def build_hf_checkpoint(out_dir: Path, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fbjax.config import BUILTIN_MODEL_CONFIG, ModelConfig
+    from fbjax.config import ModelConfig
+    from fbjax.resources import BUILTIN_MODEL_CONFIG
 
     mc = ModelConfig.from_json(BUILTIN_MODEL_CONFIG)
     hf_cfg = LlamaConfig(

@@ -24,7 +24,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.ragged_paged_attention import IMPLEMENTATIONS  # noqa: E402
+from fbjax_kernels.ragged_paged_attention import IMPLEMENTATIONS  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: all registered).")

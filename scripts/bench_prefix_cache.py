@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fbjax.profiling.store import load_profile  # noqa: E402
 from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
 from fbjax.sim.experiment import SLO, capacity, simulate  # noqa: E402
-from fbjax.sim.instance import PolicySpec, load_profile  # noqa: E402
+from fbjax.sim.instance import PolicySpec  # noqa: E402
 from fbjax.sim.protocol import protocol_trace, setting_for  # noqa: E402
 from fbjax.traces import Trace, TraceRequest, prefix_reuse  # noqa: E402
 

@@ -29,8 +29,9 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fbjax.profiling.store import load_profile  # noqa: E402
 from fbjax.sim.experiment import capacity, simulate  # noqa: E402
-from fbjax.sim.instance import PolicySpec, load_profile  # noqa: E402
+from fbjax.sim.instance import PolicySpec  # noqa: E402
 from fbjax.sim.protocol import (  # noqa: E402
     IDEAL_ORDERS,
     VLLM_BUDGET,

@@ -25,10 +25,11 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fbjax.profiling.store import load_profile  # noqa: E402
 from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
 from fbjax.sched.request import Request, SamplingParams  # noqa: E402
 from fbjax.sim.experiment import SLO, simulate  # noqa: E402
-from fbjax.sim.instance import PolicySpec, build_scheduler, load_profile  # noqa: E402
+from fbjax.sim.instance import PolicySpec, build_scheduler  # noqa: E402
 from fbjax.sim.simulator import plan_features  # noqa: E402
 from fbjax.traces import load_trace  # noqa: E402
 

@@ -72,8 +72,8 @@ def main(argv):
         sim_policy_spec,
         step_time_summary,
     )
+    from fbjax.profiling.store import Profile
     from fbjax.sim.experiment import SLO, capacity, simulate
-    from fbjax.sim.instance import Profile
 
     slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3)
     run = calibrated_slice(FLAGS.trace, FLAGS.start_s, FLAGS.duration_s, FLAGS.length_scale,

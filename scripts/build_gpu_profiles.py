@@ -1,6 +1,6 @@
 """Build GPU latency profiles (configs/profiles/<device>-<model>.json) from vidur data.
 
-Measured linear-op timings and modelled attention (see fbjax/sched/gpu_profile.py) give
+Measured linear-op timings and modelled attention (see fbjax/sched/vidur.py) give
 each step plan's time on each bucket; a LatencyModel is fitted on many synthetic plans.
 Prints one row per profile and the README's worked numbers recomputed with the recipe.
 
@@ -17,7 +17,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fbjax.sched import gpu_profile  # noqa: E402
+from fbjax.profiling import vidur  # noqa: E402
 from fbjax.sched.latency import StepFeatures  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,13 +26,13 @@ flags.DEFINE_string("shared", None, "Shared data dir (holds data/profiles/vidur)
                     "$FBJAX_SHARED or <repo>/../shared.")
 flags.DEFINE_string("out_dir", "configs/profiles", "Where to write the JSON profiles "
                     "(relative to the repo root unless absolute).")
-flags.DEFINE_list("devices", list(gpu_profile.DEFAULT_PROFILES),
-                  f"Profiles to build, <device>-<model>; known: {sorted(gpu_profile.PROFILES)}.")
+flags.DEFINE_list("devices", list(vidur.DEFAULT_PROFILES),
+                  f"Profiles to build, <device>-<model>; known: {sorted(vidur.PROFILES)}.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic step plans.")
 
 
 def summary_row(name: str, latency, recipe) -> dict:
-    buckets = gpu_profile.GPU_BUCKETS
+    buckets = vidur.GPU_BUCKETS
 
     def step(chunks: list) -> tuple[float, float]:
         feats = StepFeatures.of_chunks(chunks)
@@ -50,22 +50,22 @@ def summary_row(name: str, latency, recipe) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    shared = Path(FLAGS.shared) if FLAGS.shared else gpu_profile.default_shared_dir()
-    root = gpu_profile.vidur_dir(shared)
+    shared = Path(FLAGS.shared) if FLAGS.shared else vidur.default_shared_dir()
+    root = vidur.vidur_dir(shared)
     if not root.is_dir():
         sys.exit(f"no vidur profiles under {root}; pass --shared or set FBJAX_SHARED")
     out_dir = Path(FLAGS.out_dir)
     if not out_dir.is_absolute():
         out_dir = REPO / out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    unknown = [d for d in FLAGS.devices if d not in gpu_profile.PROFILES]
+    unknown = [d for d in FLAGS.devices if d not in vidur.PROFILES]
     if unknown:
-        sys.exit(f"unknown profiles {unknown}; known: {sorted(gpu_profile.PROFILES)}")
+        sys.exit(f"unknown profiles {unknown}; known: {sorted(vidur.PROFILES)}")
 
     rows = []
     for name in FLAGS.devices:
-        device, model = gpu_profile.PROFILES[name]
-        latency, recipe = gpu_profile.build_profile(device, model, shared, seed=FLAGS.seed)
+        device, model = vidur.PROFILES[name]
+        latency, recipe = vidur.build_profile(device, model, shared, seed=FLAGS.seed)
         path = out_dir / f"{name}.json"
         latency.save(path)
         print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
@@ -97,18 +97,18 @@ def main(argv: list[str]) -> None:
 
     print("\nMeasured linear-op speed vs A100 (Llama-2-7B, one layer) against the peak ratios "
           "used to move attention:")
-    base = gpu_profile.load_linear_ops(root / "compute/a100/meta-llama/Llama-2-7b-hf/mlp.csv")
+    base = vidur.load_linear_ops(root / "compute/a100/meta-llama/Llama-2-7b-hf/mlp.csv")
     for device in ("h100", "a40"):
-        other = gpu_profile.load_linear_ops(
+        other = vidur.load_linear_ops(
             root / f"compute/{device}/meta-llama/Llama-2-7b-hf/mlp.csv")
-        peaks, ref = gpu_profile.DEVICES[device], gpu_profile.DEVICES["a100"]
+        peaks, ref = vidur.DEVICES[device], vidur.DEVICES["a100"]
         print(f"  {device}: 16 tokens {base.layer_ms(16) / other.layer_ms(16):.2f}x "
               f"(bandwidth ratio {peaks['hbm_tb_s'] / ref['hbm_tb_s']:.2f}x), 4096 tokens "
               f"{base.layer_ms(4096) / other.layer_ms(4096):.2f}x (bf16 ratio "
               f"{peaks['bf16_tflop_s'] / ref['bf16_tflop_s']:.2f}x)")
 
     print("\nAttention calibration on legacy/a100/attention.csv (per layer, A100, 70B TP2):")
-    cal = gpu_profile.calibrate_attention(root / "legacy" / "a100" / "attention.csv")
+    cal = vidur.calibrate_attention(root / "legacy" / "a100" / "attention.csv")
     print(f"  decode  a0={cal.decode[0] * 1e3:.1f} us  effective {1e-9 / cal.decode[1]:.2f} TB/s"
           f"  MAPE {cal.decode_error['mape'] * 100:.1f}%  p95 APE "
           f"{cal.decode_error['p95_ape'] * 100:.1f}%")
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> None:
           f"{cal.prefill_single_slope_error['mape'] * 100:.1f}%)")
 
     print("\nREADME worked examples vs this recipe:")
-    for c in gpu_profile.readme_checks(shared):
+    for c in vidur.readme_checks(shared):
         print(f"  {c['name']:58} README {c['expected']:7.4f}  recipe {c['got']:7.4f}  "
               f"({c['rel_err'] * 100:4.1f}%)")
 

@@ -107,10 +107,10 @@ def attention_share(engine, batches) -> None:
     """CPU and wall time of the replayed steps with and without attention, and with
     each implementation in ``--compare_impls``; variants interleaved per replay."""
     import jax
+    from fbjax_kernels.ragged_paged_attention import get_attention, resolve_impl
 
     from fbjax.engine.runner import make_step_fn
     from fbjax.model.llama import LlamaForCausalLM
-    from kernels.ragged_paged_attention import get_attention, resolve_impl
 
     runner = engine.runner
     variants = {f"full step ({resolve_impl(engine.config.attention_impl)})":

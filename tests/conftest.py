@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Profiles measured on this machine (in the user's cache) must not stand in for the
+# committed ones the tests expect; tests that write profiles point this elsewhere.
+os.environ["FBJAX_PROFILE_DIR"] = tempfile.mkdtemp(prefix="fbjax-test-profiles-")
 
 from fbjax.config import BucketConfig, CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from fbjax.engine.kv_cache import KVCacheError, KVCacheManager
+from fbjax.sched.kv_cache import KVCacheError, KVCacheManager
 
 
 def snapshot(kv: KVCacheManager) -> tuple[list[int], dict]:

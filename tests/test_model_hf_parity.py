@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from fbjax_kernels.ragged_paged_attention import get_attention  # noqa: E402
 
 from fbjax.config import ConfigError, ModelConfig  # noqa: E402
 from fbjax.model.llama import AttentionMetadata, LlamaForCausalLM  # noqa: E402
@@ -33,7 +34,6 @@ from fbjax.model.weights import (  # noqa: E402
     restore_params,
     save_params,
 )
-from kernels.ragged_paged_attention import get_attention  # noqa: E402
 
 PAGE_SIZE = 4
 NUM_PAGES = 24

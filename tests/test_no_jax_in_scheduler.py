@@ -10,8 +10,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MODULES = ("fbjax.sched.vllm", "fbjax.sched.sarathi", "fbjax.sched.fairbatching",
-           "fbjax.sched.latency", "fbjax.sched.gpu_profile", "fbjax.sched.registry",
-           "fbjax.engine.kv_cache",
+           "fbjax.sched.latency", "fbjax.profiling.vidur", "fbjax.sched.registry",
+           "fbjax.sched.kv_cache",
            "fbjax.config", "fbjax.traces", "fbjax.metrics", "fbjax.sim.simulator",
            "fbjax.router.policy", "fbjax.router.dispatch", "fbjax.sim.cluster")
 

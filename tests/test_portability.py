@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fbjax.portability import study
-from fbjax.sim.instance import PROFILES_DIR, load_profile
+from fbjax.profiling.store import load_profile
+from fbjax.resources import PACKAGED_PROFILES_DIR as PROFILES_DIR
 from fbjax.traces import available_traces
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

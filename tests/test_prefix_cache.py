@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from fbjax.engine.kv_cache import KVCacheManager, token_page_keys
+from fbjax.sched.kv_cache import KVCacheManager, token_page_keys
 
 PAGE = 4
 

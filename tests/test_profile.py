@@ -11,17 +11,14 @@ import numpy as np
 import pytest
 
 from fbjax.config import BucketConfig, SchedulerConfig
-from fbjax.profiling import (
+from fbjax.profiling.measure import bucket_grid, fit_profile, measure, profile_grid
+from fbjax.profiling.store import (
     ProfileError,
-    bucket_grid,
     check_profile,
     current_device_key,
     device_key_of,
-    fit_profile,
     load_engine_profile,
-    measure,
     model_key,
-    profile_grid,
     validate_engine_metadata,
 )
 from fbjax.sched.latency import LatencyModel, StepFeatures
@@ -110,9 +107,10 @@ def test_engine_refuses_foreign_profile_before_compiling(tmp_path, builtin_model
 
 
 def test_fairbatching_without_profile_names_the_flag(tmp_path, monkeypatch):
-    import fbjax.profiling as profiling
+    from fbjax.profiling import store
 
-    monkeypatch.setattr(profiling, "PROFILES_DIR", tmp_path)
+    monkeypatch.setenv("FBJAX_PROFILE_DIR", str(tmp_path))
+    monkeypatch.setattr(store, "PACKAGED_PROFILES_DIR", tmp_path / "packaged")
     with pytest.raises(ProfileError, match="--profile"):
         load_engine_profile(None, device="cpu", model="builtin-tiny", buckets=TEST_BUCKETS)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fbjax.profiling.store import load_profile
 from fbjax.sim.experiment import capacity
-from fbjax.sim.instance import load_profile
 from fbjax.sim.protocol import policy_specs, protocol_trace, setting_for
 from fbjax.traces import available_traces
 

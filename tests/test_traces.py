@@ -119,7 +119,7 @@ def test_shared_dir_env_override(tmp_path, monkeypatch):
     d.mkdir(parents=True)
     (d / "tiny.jsonl").write_text('{"timestamp": 5, "input_length": 3, "output_length": 2}\n')
     monkeypatch.setenv("FBJAX_SHARED", str(tmp_path))
-    assert traces.shared_dir() == tmp_path
+    assert traces.traces_dir() == d
     assert traces.available_traces() == ["tiny"]
     t = load_trace("tiny")
     assert len(t) == 1 and t[0].arrival_s == 0.005

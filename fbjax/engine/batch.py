@@ -13,9 +13,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.model.llama import AttentionMetadata
 from fbjax.sched.base import StepPlan
+from fbjax.sched.kv_cache import KVCacheManager
 
 
 @jax.tree_util.register_dataclass

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 from fbjax.config import EngineConfig, SchedulerConfig
 from fbjax.engine.batch import build_batch
 from fbjax.engine.buckets import enable_compilation_cache
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.engine.runner import ModelRunner
 from fbjax.model.weights import LoadedModel, load_model
-from fbjax.profiling import current_device_key, load_engine_profile, model_key
+from fbjax.profiling.store import current_device_key, load_engine_profile, model_key
 from fbjax.sched.base import StepLimits, StepPlan
 from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.registry import make_scheduler
 from fbjax.sched.request import Request, RequestStatus, SamplingParams

@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fbjax_kernels.ragged_paged_attention import get_attention
 
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
@@ -20,7 +21,6 @@ from fbjax.engine.buckets import CompiledBuckets
 from fbjax.engine.sampling import sample_tokens
 from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
 from fbjax.model.llama import KVCache, LlamaForCausalLM
-from kernels.ragged_paged_attention import get_attention
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from fbjax_kernels.ragged_paged_attention import write_kv
 
 from fbjax.config import ModelConfig
 from fbjax.model.rope import apply_rope, inverse_frequencies
-from kernels.ragged_paged_attention import write_kv
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: (k, v) [pages, page, kv_heads, dim]
 

@@ -30,10 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fbjax.config import BUILTIN_MODEL_CONFIG, ConfigError, ModelConfig, read_json
+from fbjax.config import ConfigError, ModelConfig, read_json
 from fbjax.model.llama import AttentionMetadata, LlamaForCausalLM
 from fbjax.model.rope import inverse_frequencies
 from fbjax.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from fbjax.resources import BUILTIN_MODEL_CONFIG
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -363,7 +364,7 @@ def init_random_params(config: ModelConfig, dtype: jnp.dtype = jnp.float32,
     counter-based PRNG and are the same on every backend, so a seed names the same
     model everywhere (the float scaling of those bits may differ by an ulp).
     """
-    from kernels.ragged_paged_attention import reference_attention
+    from fbjax_kernels.ragged_paged_attention import reference_attention
 
     seed = config.seed if seed is None else seed
     model = LlamaForCausalLM(config, reference_attention, dtype)

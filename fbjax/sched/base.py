@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager, token_page_keys
+from fbjax.sched.kv_cache import KVCacheManager, token_page_keys
 from fbjax.sched.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING

@@ -48,8 +48,8 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import ScheduledChunk, Scheduler, StepLimits, StepPlan
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.request import Request, RequestStatus
 

@@ -194,12 +194,12 @@ class LatencyModel:
         heldout = None
         if held:
             probe = cls(train)
-            heldout = _errors([(probe.predict(b, f), s) for b, f, s in held])
+            heldout = fit_errors([(probe.predict(b, f), s) for b, f, s in held])
         full = {bucket: _fit_rows(rows) for bucket, rows in by_bucket.items()}
         return cls(full, metadata=metadata, heldout=heldout)
 
     def error_on(self, points: Sequence[tuple[Bucket, StepFeatures, float]]) -> FitError:
-        return _errors([(self.predict(b, f), s) for b, f, s in points])
+        return fit_errors([(self.predict(b, f), s) for b, f, s in points])
 
     # ----- online refinement --------------------------------------------------------
     def update(self, bucket: Bucket, features: StepFeatures, measured: float) -> bool:
@@ -300,7 +300,7 @@ def _fit_rows(rows: Sequence[tuple[StepFeatures, float]]) -> np.ndarray:
     return nnls(a / scale, b) / scale
 
 
-def _errors(pairs: Sequence[tuple[float, float]]) -> FitError:
+def fit_errors(pairs: Sequence[tuple[float, float]]) -> FitError:
     pred = np.array([p for p, _ in pairs])
     true = np.array([t for _, t in pairs])
     ape = np.abs(pred - true) / np.maximum(true, 1e-12)

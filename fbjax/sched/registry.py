@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import Scheduler, StepLimits
 from fbjax.sched.fairbatching import FairBatchingConfig, FairBatchingScheduler
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel
 from fbjax.sched.sarathi import SarathiScheduler
 from fbjax.sched.vllm import VLLMScheduler

@@ -18,8 +18,9 @@ import uvicorn
 from absl import app, flags, logging
 
 from fbjax.cli_flags import engine_config_from_flags
-from fbjax.config import BUILTIN_MODEL_CONFIG, ConfigError, ModelConfig
+from fbjax.config import ConfigError, ModelConfig
 from fbjax.engine.engine import LLMEngine
+from fbjax.resources import BUILTIN_MODEL_CONFIG
 from fbjax.serve.app import ServerSettings, ServerState, build_app
 from fbjax.serve.sockets import listen_socket
 from fbjax.serve.text import ChatTemplate

@@ -24,13 +24,14 @@ from fbjax.metrics import (
     capacity_search,
     summarize,
 )
+from fbjax.profiling.store import Profile
 from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S, Dispatcher
 from fbjax.router.policy import ReplicaState, make_policy
 from fbjax.sched.base import Scheduler
 from fbjax.sched.latency import LatencyModel
 from fbjax.sched.request import Request
 from fbjax.sim.experiment import SLO, sim_requests
-from fbjax.sim.instance import PolicySpec, Profile, build_scheduler
+from fbjax.sim.instance import PolicySpec, build_scheduler
 from fbjax.sim.simulator import (
     SimInstance,
     SimRequest,

@@ -18,7 +18,8 @@ from fbjax.metrics import (
     prefill_decode_share,
     summarize,
 )
-from fbjax.sim.instance import PolicySpec, Profile, build_scheduler, unloaded_prefill_s
+from fbjax.profiling.store import Profile
+from fbjax.sim.instance import PolicySpec, build_scheduler, unloaded_prefill_s
 from fbjax.sim.simulator import SimRequest, SimResult, Simulator
 from fbjax.traces import Trace
 

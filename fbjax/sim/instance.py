@@ -1,6 +1,6 @@
 """Build a simulated serving instance from a profile: buckets, KV pool, scheduler.
 
-A profile (``configs/profiles/<device>-<model>.json``) is a LatencyModel whose metadata
+A profile (:mod:`fbjax.profiling.store`) is a LatencyModel whose metadata
 also names its bucket ladders and the KV capacity of the device it describes, so a
 simulated instance has the same step shapes and memory as the real one would.
 """
@@ -8,62 +8,15 @@ simulated instance has the same step shapes and memory as the real one would.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from fbjax.config import CONFIGS_DIR, BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
+from fbjax.config import BucketConfig
+from fbjax.profiling.store import Profile
 from fbjax.sched.base import Scheduler, StepLimits
 from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.registry import make_scheduler
 from fbjax.sched.sarathi import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SEQS
-
-PROFILES_DIR = CONFIGS_DIR / "profiles"
-DEFAULT_PAGE_SIZE = 16
-
-
-@dataclasses.dataclass
-class Profile:
-    name: str
-    latency: LatencyModel
-    buckets: BucketConfig
-    kv_capacity_tokens: int
-    page_size: int = DEFAULT_PAGE_SIZE
-    # Host work per engine step beyond the timed device call (metadata
-    # ``host_overhead_s``, measured by an engine calibration; 0 where not measured).
-    step_overhead_s: float = 0.0
-
-
-def resolve_profile(name_or_path: str | Path) -> Path:
-    """A path as given (``~`` expanded), or a name in configs/profiles
-    (``a100-llama3-8b``, ``cpu-builtin-tiny``)."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    candidate = PROFILES_DIR / f"{name_or_path}.json"
-    if candidate.exists():
-        return candidate
-    known = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-    raise ValueError(f"latency profile not found: {name_or_path} (give a path, or one of "
-                     f"{known})")
-
-
-def load_profile(name_or_path: str | Path) -> Profile:
-    """A profile by path or by name in configs/profiles (e.g. ``a100-llama3-8b``)."""
-    path = resolve_profile(name_or_path)
-    latency = LatencyModel.load(path)
-    meta = latency.metadata
-    if "token_buckets" in meta:
-        buckets = BucketConfig(tuple(meta["token_buckets"]), tuple(meta["seq_buckets"]))
-    else:  # a profile of the engine: its buckets are the ones it measured
-        tokens = sorted({t for t, _ in latency.buckets})
-        seqs = sorted({s for _, s in latency.buckets})
-        buckets = BucketConfig(tuple(tokens), tuple(seqs))
-    if "kv_capacity_tokens" not in meta:
-        raise ValueError(f"{path}: profile metadata lacks 'kv_capacity_tokens'")
-    return Profile(path.stem, latency, buckets, int(meta["kv_capacity_tokens"]),
-                   int(meta.get("page_size", DEFAULT_PAGE_SIZE)),
-                   float(meta.get("host_overhead_s", 0.0)))
 
 
 def unloaded_prefill_s(latency: LatencyModel, buckets: BucketConfig, prompt_len: int,

@@ -18,12 +18,12 @@ import math
 import numpy as np
 
 from fbjax.metrics import capacity_search
+from fbjax.profiling.store import Profile
 from fbjax.sched.fairbatching import FairBatchingConfig
 from fbjax.sched.latency import StepFeatures
 from fbjax.sim.experiment import SLO, sim_requests
 from fbjax.sim.instance import (
     PolicySpec,
-    Profile,
     deployed_chunk_size,
     fastest_unloaded_prefill_s,
     unloaded_decode_s,

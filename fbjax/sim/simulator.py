@@ -15,8 +15,8 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
-from fbjax.engine.kv_cache import BlockPageKeys
 from fbjax.sched.base import Scheduler, StepPlan
+from fbjax.sched.kv_cache import BlockPageKeys
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.request import Request, SamplingParams
 

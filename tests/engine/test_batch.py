@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from fbjax.engine.batch import build_batch
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import ScheduledChunk, StepPlan
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.request import Request, SamplingParams
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import jax
 import pytest
+from fbjax_kernels.ragged_paged_attention import cpu_ffi
 
 from fbjax.config import BucketConfig, CacheConfig
 from fbjax.engine.engine import LLMEngine
 from fbjax.sched.request import SamplingParams
-from kernels.ragged_paged_attention import cpu_ffi
 from tests.conftest import engine_config
 
 REPO = Path(__file__).resolve().parents[2]

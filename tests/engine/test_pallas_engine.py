@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from fbjax_kernels.ragged_paged_attention import IMPLEMENTATIONS
 
 from fbjax.config import BucketConfig, CacheConfig
 from fbjax.engine.engine import LLMEngine
 from fbjax.sched.request import SamplingParams
-from kernels.ragged_paged_attention import IMPLEMENTATIONS
 from tests.conftest import engine_config
 
 PALLAS = sorted(name for name in IMPLEMENTATIONS if name.startswith("pallas"))

@@ -6,7 +6,7 @@ table, and builds the causal / sliding-window mask explicitly. It is slow on pur
 every attention implementation (the jax.numpy reference, Pallas GPU and TPU kernels) is
 checked against it.
 
-Conventions (the same as ``kernels.ragged_paged_attention``):
+Conventions (the same as ``fbjax_kernels.ragged_paged_attention``):
 
 * ``q`` is ``[num_tokens, q_heads, head_dim]``; sequence ``s`` owns the flat tokens
   ``cu_q_lens[s]:cu_q_lens[s + 1]``; tokens past ``cu_q_lens[num_seqs]`` are padding and

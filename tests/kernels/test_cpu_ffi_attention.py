@@ -17,14 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fbjax_kernels.ragged_paged_attention as rpa
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention, reference_attention
 from hypothesis import HealthCheck, given, settings
-
-import kernels.ragged_paged_attention as rpa
-from kernels.ragged_paged_attention import cpu_ffi, get_attention, reference_attention
 
 from .oracle import make_ragged_batch, oracle_attention
 from .test_reference_attention import TOL, make_batch, ragged_batches
@@ -317,7 +316,7 @@ def test_library_name_depends_on_source_and_flags(tmp_path):
 def test_concurrent_builds_share_one_library(tmp_path):
     """Processes building into an empty cache at once wait for one another's build."""
     env = dict(os.environ, FBJAX_FFI_CACHE=str(tmp_path), PYTHONPATH=str(REPO))
-    code = ("from kernels.ragged_paged_attention import cpu_ffi; "
+    code = ("from fbjax_kernels.ragged_paged_attention import cpu_ffi; "
             "print(cpu_ffi.build('generic'))")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]

@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fbjax_kernels.ragged_paged_attention import get_attention, reference_attention, write_kv
+from fbjax_kernels.ragged_paged_attention.gpu import ragged_paged_attention as gpu_attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kernels.ragged_paged_attention import get_attention, reference_attention, write_kv
-from kernels.ragged_paged_attention.gpu import ragged_paged_attention as gpu_attention
 
 from .oracle import RaggedBatch, make_ragged_batch, oracle_attention, pages_needed
 

@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fbjax_kernels.ragged_paged_attention import get_attention, reference_attention
+from fbjax_kernels.ragged_paged_attention.tpu import ragged_paged_attention as tpu_attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
-
-from kernels.ragged_paged_attention import get_attention, reference_attention
-from kernels.ragged_paged_attention.tpu import ragged_paged_attention as tpu_attention
 
 from .oracle import RaggedBatch, make_ragged_batch, oracle_attention, pages_needed
 

@@ -6,10 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fbjax_kernels.ragged_paged_attention import (
+    cpu_ffi,
+    reference_attention,
+    write_kv,
+    xla_attention,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kernels.ragged_paged_attention import cpu_ffi, reference_attention, write_kv, xla_attention
 
 from .oracle import RaggedBatch, make_ragged_batch, oracle_attention, pages_needed
 

@@ -8,14 +8,13 @@ cached prefixes.
 
 from __future__ import annotations
 
+import fbjax_kernels.ragged_paged_attention.xla as xla_module
 import jax
 import numpy as np
 import pytest
+from fbjax_kernels.ragged_paged_attention import get_attention, reference_attention
+from fbjax_kernels.ragged_paged_attention import xla_attention as xla_fn
 from hypothesis import HealthCheck, given, settings
-
-import kernels.ragged_paged_attention.xla as xla_module
-from kernels.ragged_paged_attention import get_attention, reference_attention
-from kernels.ragged_paged_attention import xla_attention as xla_fn
 
 from .oracle import make_ragged_batch, oracle_attention
 from .test_reference_attention import (

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import Scheduler, StepLimits, StepPlan
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.request import Request, SamplingParams
 
 PROMPT_TOKEN = 100  # every prompt token; never EOS or a stop id

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import StepLimits, StepPlan
 from fbjax.sched.fairbatching import FairBatchingConfig, FairBatchingScheduler
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import FEATURES, LatencyModel, StepFeatures
 from fbjax.sched.registry import make_scheduler
 from fbjax.sched.request import Request, RequestStatus, SamplingParams

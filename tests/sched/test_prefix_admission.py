@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fbjax.engine.kv_cache import KVCacheManager, token_page_keys
 from fbjax.sched.fairbatching import FairBatchingScheduler
+from fbjax.sched.kv_cache import KVCacheManager, token_page_keys
 from fbjax.sched.request import Request, RequestStatus, SamplingParams
 from fbjax.sched.sarathi import SarathiScheduler
 from tests.sched.helpers import make_policy

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import StepLimits
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.registry import make_scheduler
 from fbjax.sched.request import RequestStatus
 from fbjax.sched.sarathi import SarathiScheduler

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import StepLimits, StepPlan
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.registry import make_scheduler
 from fbjax.sched.request import Request, RequestStatus
 from fbjax.sched.vllm import VLLMScheduler

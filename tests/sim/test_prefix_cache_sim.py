@@ -10,10 +10,11 @@ import dataclasses
 
 import pytest
 
-from fbjax.engine.kv_cache import BlockPageKeys
+from fbjax.profiling.store import load_profile
 from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.kv_cache import BlockPageKeys
 from fbjax.sim.experiment import SLO, simulate
-from fbjax.sim.instance import PolicySpec, load_profile
+from fbjax.sim.instance import PolicySpec
 from fbjax.traces import Trace, load_trace, prefix_reuse
 
 SLO_CONV = SLO(3.0, 0.1, ttft_prefill_multiple=5.0)

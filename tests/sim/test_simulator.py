@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fbjax.config import BucketConfig
-from fbjax.engine.kv_cache import KVCacheManager
 from fbjax.sched.base import Scheduler, StepLimits, StepPlan
 from fbjax.sched.fairbatching import FairBatchingConfig
+from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel
 from fbjax.sched.registry import POLICIES, make_scheduler
 from fbjax.sched.request import RequestStatus
@@ -190,8 +190,9 @@ def test_unloaded_ttft_floor_bounds_every_policy_and_is_reached_alone():
     """The protocol's P99 TTFT floor (each request alone, in its fastest equal chunks) is
     what a lone request gets from Sarathi with that chunk size, and no policy's P99 TTFT
     on a loaded slice goes below it."""
+    from fbjax.profiling.store import load_profile
     from fbjax.sim.experiment import SLO, simulate
-    from fbjax.sim.instance import PolicySpec, load_profile, unloaded_prefill_s
+    from fbjax.sim.instance import PolicySpec, unloaded_prefill_s
     from fbjax.sim.protocol import protocol_trace, unloaded_ttft_floor
     from fbjax.traces import Trace
 
@@ -217,8 +218,9 @@ def test_unloaded_ttft_floor_bounds_every_policy_and_is_reached_alone():
 def test_step_overhead_adds_host_time_to_every_step():
     """``step_overhead_s`` (host work the profile does not time) lengthens every step
     by exactly that much, so a lone request's TTFT grows by it once per prefill step."""
+    from fbjax.profiling.store import load_profile
     from fbjax.sim.experiment import SLO, simulate
-    from fbjax.sim.instance import PolicySpec, load_profile
+    from fbjax.sim.instance import PolicySpec
     from fbjax.traces import Trace, TraceRequest
 
     profile = load_profile("a100-llama3-8b")
@@ -236,8 +238,9 @@ def test_step_overhead_adds_host_time_to_every_step():
 def test_profile_host_overhead_is_the_simulators_default(tmp_path):
     """A calibrated engine profile records its host work per step; load_profile reads
     it and simulate adds it unless told otherwise."""
+    from fbjax.profiling.store import load_profile
     from fbjax.sim.experiment import SLO, simulate
-    from fbjax.sim.instance import PolicySpec, load_profile
+    from fbjax.sim.instance import PolicySpec
     from fbjax.traces import Trace, TraceRequest
 
     base = load_profile("a100-llama3-8b")
@@ -261,9 +264,9 @@ def test_ideal_capacity_by_hand_and_above_every_policy():
     per-token time; queued back to back, the k-th (from 0) is done at (k + 1) w after
     the first arrival and due at k/s + 0.1, so all five are in time up to rate scale
     s = 4 / (5 w - 0.1). On a real slice it caps what the policies reach."""
+    from fbjax.profiling.store import load_profile
     from fbjax.sched.latency import StepFeatures
     from fbjax.sim.experiment import SLO, capacity
-    from fbjax.sim.instance import load_profile
     from fbjax.sim.protocol import ideal_capacity, policy_specs, protocol_trace, setting_for
     from fbjax.traces import Trace, TraceRequest
 
@@ -289,9 +292,9 @@ def test_ideal_ttfts_in_each_order_by_hand():
     """Two prompts on the idealized instance: 3,000 tokens at 0 s, then 1,000 at 1 ms
     (w = 1,000 x the best per-token time). FCFS (and EDF, with one TTFT SLO) finishes
     the long one at 3w, the short at 4w; shortest-first lets the short one in at 1 ms."""
+    from fbjax.profiling.store import load_profile
     from fbjax.sched.latency import StepFeatures
     from fbjax.sim.experiment import SLO
-    from fbjax.sim.instance import load_profile
     from fbjax.sim.protocol import ideal_ttft_percentile, ideal_ttfts
     from fbjax.traces import Trace, TraceRequest
 

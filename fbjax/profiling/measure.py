@@ -1,24 +1,8 @@
-"""Engine latency profiles: measure each compiled bucket, fit, check, load.
+"""Measure the engine's compiled buckets and fit its latency profile.
 
-``python -m fbjax.profile`` (the CLI in ``fbjax/profile.py``) uses this module to run
-the engine's own compiled buckets over a grid of step contents and fit the per-bucket
-``LatencyModel``; the engine uses it to find and vet the profile FairBatching needs.
-
-**Keys.** A profile is named ``configs/profiles/<device>-<model>.json``:
-
-* ``device`` is ``cpu`` on any CPU (JAX reports no finer kind; a CPU profile is only
-  meaningful on machines of the same kind, whose model name and core count the
-  metadata records in ``device_detail`` for information, not for matching, so a CI
-  runner of the same instance type accepts it). On accelerators it is the JAX device
-  kind shortened to its family: ``NVIDIA H100 80GB HBM3`` -> ``h100``,
-  ``NVIDIA A100-SXM4-80GB`` -> ``a100``, ``TPU v5 lite`` -> ``tpu-v5-lite``. These match
-  the GPU profiles built from vidur timings (``a100``, ``h100``).
-* ``model`` is ``builtin-tiny`` for the built-in model, else the model directory's
-  name, lower-cased (``/models/Llama-3-8B`` -> ``llama-3-8b``).
-
-A profile whose ``device`` or ``model`` differs from the engine's is refused with a
-message saying both, unless forced (``SchedulerConfig.force_profile``,
-``--force_profile``). A profile must also cover every bucket the engine compiles.
+``python -m fbjax.profile`` (the CLI in ``fbjax/profile.py``) runs the engine's own
+compiled buckets over a grid of step contents with this module and fits the per-bucket
+``LatencyModel``; :mod:`fbjax.profiling.store` saves, finds and checks the result.
 
 **Grid.** For each bucket ``(T, S)``, steps that the engine would actually run on it
 (``BucketConfig.pick`` of their size is that bucket): decode-only, prefill-only and
@@ -34,174 +18,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import os
-import platform
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from fbjax.config import CONFIGS_DIR, BucketConfig
+from fbjax.config import BucketConfig
+from fbjax.profiling.store import ProfileError, current_device_key, device_detail, model_key
 from fbjax.sched.latency import FEATURES, FORMAT, LatencyModel, StepFeatures
-from fbjax.sim.instance import resolve_profile
-
-PROFILES_DIR = CONFIGS_DIR / "profiles"
-BUILTIN_MODEL_KEY = "builtin-tiny"
-# Metadata an engine profile must carry (GPU profiles from vidur carry the first two).
-REQUIRED_METADATA = {"device": str, "model": str}
-ENGINE_METADATA = {"device": str, "model": str, "token_buckets": list, "seq_buckets": list,
-                   "jax_version": str, "kv_capacity_tokens": int, "page_size": int}
 
 Bucket = tuple[int, int]
 Chunk = tuple[int, int, bool]  # (q_len, kv_len, is_decode), as StepFeatures.add takes
-
-
-class ProfileError(ValueError):
-    """The profile cannot be used as asked; the message says why and what to do."""
-
-
-# ----- keys ---------------------------------------------------------------------------------
-
-def device_key_of(platform_name: str, device_kind: str) -> str:
-    """The stable device key of a JAX device's platform and ``device_kind``."""
-    platform_name = platform_name.lower()
-    if platform_name == "cpu":
-        return "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-")
-    if platform_name == "tpu" or slug.startswith("tpu"):
-        return slug if slug.startswith("tpu") else f"tpu-{slug}"
-    slug = re.sub(r"^(nvidia|amd|tesla)-", "", slug)
-    slug = re.sub(r"^(nvidia|amd|tesla)-", "", slug)
-    return slug.split("-")[0] or platform_name
-
-
-def current_device_key() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    return device_key_of(device.platform, device.device_kind)
-
-
-def device_detail() -> dict[str, Any]:
-    """What the metadata records about the machine (informational, not matched)."""
-    import jax
-
-    device = jax.devices()[0]
-    detail: dict[str, Any] = {"platform": device.platform, "device_kind": device.device_kind,
-                              "num_devices": jax.device_count()}
-    if device.platform == "cpu":
-        detail["cpu"] = _cpu_model_name()
-        detail["cores"] = os.cpu_count()
-        detail["machine"] = platform.machine()
-    return detail
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def model_key(model: str | None) -> str:
-    if model is None:
-        return BUILTIN_MODEL_KEY
-    name = Path(os.path.expanduser(str(model))).resolve().name
-    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
-
-
-def default_profile_path(device: str, model: str) -> Path:
-    return PROFILES_DIR / f"{device}-{model}.json"
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (for messages)."""
-    try:
-        return str(path.relative_to(CONFIGS_DIR.parent))
-    except ValueError:
-        return str(path)
-
-
-# ----- checks -------------------------------------------------------------------------------
-
-def validate_engine_metadata(metadata: dict[str, Any], source: str) -> None:
-    """Schema of an engine profile's metadata (what ``python -m fbjax.profile`` writes)."""
-    for key, kind in ENGINE_METADATA.items():
-        if key not in metadata:
-            raise ProfileError(f"{source}: metadata lacks {key!r}")
-        value = metadata[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ProfileError(f"{source}: metadata {key!r} must be a {kind.__name__}, "
-                               f"got {value!r}")
-    for key in ("token_buckets", "seq_buckets"):
-        ladder = metadata[key]
-        if not ladder or any(not isinstance(x, int) or x <= 0 for x in ladder):
-            raise ProfileError(f"{source}: metadata {key!r} must list positive integers")
-
-
-def check_profile(latency: LatencyModel, *, device: str, model: str, buckets: BucketConfig,
-                  force: bool = False, source: str = "profile") -> list[str]:
-    """Refuse a profile of another device or model (unless ``force``) or one that lacks
-    some of ``buckets``; returns the warnings a forced use deserves."""
-    meta = latency.metadata
-    warnings = []
-    for key, want in (("device", device), ("model", model)):
-        have = meta.get(key)
-        if have == want:
-            continue
-        what = (f"{source} was recorded for {key} {have!r}, but this engine runs "
-                f"{key} {want!r}" if have is not None
-                else f"{source} does not say which {key} it was recorded for "
-                     f"(this engine runs {key} {want!r})")
-        if not force:
-            raise ProfileError(
-                f"{what}. Record a profile here with `python -m fbjax.profile --out "
-                f"{_shown(default_profile_path(device, model))}`, "
-                "or pass --force_profile (SchedulerConfig.force_profile=True) to use it "
-                "anyway")
-        warnings.append(f"{what}; used anyway (forced)")
-    missing = [b for b in buckets.pairs() if b not in latency.coefficients]
-    if missing:
-        have = sorted(latency.coefficients)
-        raise ProfileError(
-            f"{source} lacks {len(missing)} of the engine's {len(buckets.pairs())} buckets "
-            f"(e.g. {missing[:4]}); it covers {have[:6]}{'...' if len(have) > 6 else ''}. "
-            "Profile this bucket set (python -m fbjax.profile with the same "
-            "--token_buckets/--seq_buckets) or run the engine with the profile's buckets")
-    return warnings
-
-
-def load_engine_profile(profile: str | Path | None, *, device: str, model: str,
-                        buckets: BucketConfig, force: bool = False,
-                        ) -> tuple[LatencyModel, Path, list[str]]:
-    """The latency model the engine should use: ``profile`` if given, else the default
-    ``configs/profiles/<device>-<model>.json``; checked by ``check_profile``."""
-    if profile is None:
-        path = default_profile_path(device, model)
-        if not path.exists():
-            raise ProfileError(
-                f"the fairbatching scheduler needs a latency profile and there is none for "
-                f"device {device!r} and model {model!r} at {path}; record one with "
-                f"`python -m fbjax.profile --out {_shown(path)}` "
-                "or give one with --profile (SchedulerConfig.profile)")
-    else:
-        try:
-            path = resolve_profile(profile)
-        except ValueError as e:
-            raise ProfileError(str(e)) from None
-    try:
-        latency = LatencyModel.load(path)
-    except ValueError as e:
-        raise ProfileError(str(e)) from None
-    warnings = check_profile(latency, device=device, model=model, buckets=buckets,
-                             force=force, source=f"profile {path}")
-    return latency, path, warnings
 
 
 # ----- the grid -----------------------------------------------------------------------------
@@ -464,8 +292,7 @@ def engine_metadata(engine) -> dict[str, Any]:
     """Provenance of a profile measured on ``engine`` (see ``ENGINE_METADATA``)."""
     import jax
     import jaxlib
-
-    from kernels.ragged_paged_attention import resolve_impl
+    from fbjax_kernels.ragged_paged_attention import resolve_impl
 
     config = engine.config
     mc = engine.model_config

@@ -1,9 +1,9 @@
 """Ragged paged attention as a Pallas Mosaic TPU kernel.
 
-Same signature and semantics as :func:`kernels.ragged_paged_attention.reference.
+Same signature and semantics as :func:`fbjax_kernels.ragged_paged_attention.reference.
 ragged_paged_attention` (the ground truth); this module only computes attention. Writing
 this step's K/V into the paged cache stays with the shared companion update op
-:func:`kernels.ragged_paged_attention.reference.write_kv`, which must run first.
+:func:`fbjax_kernels.ragged_paged_attention.reference.write_kv`, which must run first.
 
 Design
 ------
@@ -69,7 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.ragged_paged_attention.validation import check_attention_args
+from fbjax_kernels.ragged_paged_attention.validation import check_attention_args
 
 # Keys per inner-loop step. On TPU: 256 keys keep the MXU busy and each step's DMAs
 # large, while the two-slot K and V buffers stay a few MiB of VMEM.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.ragged_paged_attention.validation import check_attention_args, check_write_args
+from fbjax_kernels.ragged_paged_attention.validation import check_attention_args, check_write_args
 
 # Keys per loop iteration: large enough that the loop overhead is small on CPU, small
 # enough that the per-token gather [tokens, block, kv_heads, head_dim] stays modest.

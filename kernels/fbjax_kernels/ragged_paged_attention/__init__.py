@@ -14,18 +14,18 @@ import functools
 import logging
 from collections.abc import Callable
 
-from kernels.ragged_paged_attention import cpu_ffi
-from kernels.ragged_paged_attention.gpu import (
+from fbjax_kernels.ragged_paged_attention import cpu_ffi
+from fbjax_kernels.ragged_paged_attention.gpu import (
     ragged_paged_attention as pallas_gpu_attention,
 )
-from kernels.ragged_paged_attention.reference import (
+from fbjax_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention as reference_attention,
 )
-from kernels.ragged_paged_attention.reference import write_kv
-from kernels.ragged_paged_attention.tpu import (
+from fbjax_kernels.ragged_paged_attention.reference import write_kv
+from fbjax_kernels.ragged_paged_attention.tpu import (
     ragged_paged_attention as pallas_tpu_attention,
 )
-from kernels.ragged_paged_attention.xla import ragged_paged_attention as xla_attention
+from fbjax_kernels.ragged_paged_attention.xla import ragged_paged_attention as xla_attention
 
 IMPLEMENTATIONS: dict[str, Callable] = {"reference": reference_attention}
 IMPLEMENTATIONS["xla"] = xla_attention

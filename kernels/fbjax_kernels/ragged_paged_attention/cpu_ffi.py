@@ -1,7 +1,7 @@
 """Ragged paged attention for CPU as a C++ XLA FFI kernel (``cpu_ffi.cc``).
 
 Same signature and results (up to float rounding) as
-:mod:`~kernels.ragged_paged_attention.reference`. XLA on CPU copies every K/V page it
+:mod:`~fbjax_kernels.ragged_paged_attention.reference`. XLA on CPU copies every K/V page it
 gathers through the page table; the C++ kernel reads the pages in place, which is most
 of a decode step's attention time.
 
@@ -28,6 +28,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import importlib.resources
 import os
 import platform
 import shutil
@@ -39,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.ragged_paged_attention.validation import check_attention_args
+from fbjax_kernels.ragged_paged_attention.validation import check_attention_args
 
-SOURCE = Path(__file__).with_name("cpu_ffi.cc")
+# Package data beside this module (listed in pyproject.toml), so a wheel carries it.
+SOURCE = Path(str(importlib.resources.files(__package__).joinpath("cpu_ffi.cc")))
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
 # ISA level -> (extra compiler flags, /proc/cpuinfo flags it needs); best last.
 ISAS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
@@ -206,7 +208,7 @@ def ragged_paged_attention(
     if sm_scale is None:
         sm_scale = head_dim**-0.5
     if jnp.float16 in (q.dtype, k_cache.dtype, v_cache.dtype):
-        from kernels.ragged_paged_attention.xla import ragged_paged_attention as xla_attn
+        from fbjax_kernels.ragged_paged_attention.xla import ragged_paged_attention as xla_attn
 
         return xla_attn(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)

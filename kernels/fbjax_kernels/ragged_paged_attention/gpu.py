@@ -1,12 +1,12 @@
 """Ragged paged attention as a Pallas kernel for NVIDIA GPUs (Triton lowering).
 
-Same signature and semantics as :func:`kernels.ragged_paged_attention.reference.
+Same signature and semantics as :func:`fbjax_kernels.ragged_paged_attention.reference.
 ragged_paged_attention`: ``q`` is a ragged batch ``[tokens, q_heads, head_dim]``,
 the context lives in a paged cache ``[num_pages, page_size, kv_heads, head_dim]``,
 ``kv_lens[s]`` counts sequence ``s``'s context *including* this step's tokens, and
 padding tokens past ``cu_q_lens[num_seqs]`` get zeros. This kernel only reads the
 cache: this step's K/V are written beforehand by the shared companion update op
-:func:`kernels.ragged_paged_attention.write_kv` (a scatter through ``slot_mapping``),
+:func:`fbjax_kernels.ragged_paged_attention.write_kv` (a scatter through ``slot_mapping``),
 exactly as for the reference.
 
 Design (the vLLM "unified" Triton attention / FlashAttention-2 layout):
@@ -61,7 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.ragged_paged_attention.validation import check_attention_args
+from fbjax_kernels.ragged_paged_attention.validation import check_attention_args
 
 # Keys per inner-loop iteration (the tl.dot N dimension).
 DEFAULT_KV_BLOCK_TOKENS = 64

@@ -1,6 +1,6 @@
 """Ragged paged attention for XLA on CPU: the reference's maths, split for speed.
 
-Same signature and results as :mod:`~kernels.ragged_paged_attention.reference` (up to
+Same signature and results as :mod:`~fbjax_kernels.ragged_paged_attention.reference` (up to
 float rounding), organised around what XLA does well on a CPU: few ops per step, few
 gathers, large matmuls where there is work for them, and no page gathers for query
 tokens that have nothing to read.
@@ -36,7 +36,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.ragged_paged_attention.validation import check_attention_args
+from fbjax_kernels.ragged_paged_attention.validation import check_attention_args
 
 DEFAULT_KV_BLOCK_TOKENS = 128
 # Query tile of the dense part over this step's own keys (tokens).

@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,7 +86,8 @@ from typing import Any
 import numpy as np
 
 from fbjax.config import BucketConfig
-from fbjax.sched.latency import LatencyModel, StepFeatures, _errors
+from fbjax.resources import shared_dir
+from fbjax.sched.latency import LatencyModel, StepFeatures, fit_errors
 
 VIDUR_REPO = "https://github.com/microsoft/vidur"
 VIDUR_COMMIT = "7d47513363ec447a741ac5e47241580b47724fbf"  # compute/ and network/
@@ -156,16 +156,16 @@ DEFAULT_PROFILES = ("a100-llama3-8b", "h100-llama2-7b", "a100-llama2-7b")
 GIB = 1 << 30
 
 
+VIDUR_SUBDIR = "data/profiles/vidur"
+
+
 def default_shared_dir() -> Path:
-    """``$FBJAX_SHARED`` or ``<repo>/../shared``."""
-    env = os.environ.get("FBJAX_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared"
+    """The shared data folder that holds vidur's timings (see :mod:`fbjax.resources`)."""
+    return shared_dir(VIDUR_SUBDIR)
 
 
 def vidur_dir(shared: str | Path) -> Path:
-    return Path(shared) / "data" / "profiles" / "vidur"
+    return Path(shared) / VIDUR_SUBDIR
 
 
 def kv_cache_tokens(num_layers: int, num_kv_heads: int, head_dim: int, num_params: int,
@@ -603,8 +603,8 @@ def _grid_point_errors(recipe: GpuRecipe, model: LatencyModel,
             pred.append(model.predict(bucket, feats))
             padded.append(recipe.step_seconds(bucket, chunks))
             vidur.append(recipe.vidur_iteration_ms(chunks) / 1e3)
-        fit = _errors(list(zip(pred, padded, strict=True)))
-        raw = _errors(list(zip(pred, vidur, strict=True)))
+        fit = fit_errors(list(zip(pred, padded, strict=True)))
+        raw = fit_errors(list(zip(pred, vidur, strict=True)))
         out[kind] = {"num_points": len(plans),
                      "fit": {"mape": fit.mape, "p95_abs_ms": fit.p95_abs_ms},
                      "vs_vidur": {"mape": raw.mape, "p95_abs_ms": raw.p95_abs_ms,
@@ -745,12 +745,12 @@ def fit_bucketed(recipe: GpuRecipe, buckets: BucketConfig,
     if holdout_every:
         train = {b: [i for i in idx if i % holdout_every != 2] for b, idx in every.items()}
         probe, _ = fit(train)
-        heldout = _errors([(probe.predict(b, feats[b][i]),
+        heldout = fit_errors([(probe.predict(b, feats[b][i]),
                             (recipe.padded_ms(b) + attn[b][i]) / 1e3)
                            for b, idx in every.items() for i in idx if i % holdout_every == 2])
     model, lifts = fit(every)
     model.heldout = heldout
-    return model, {"method": "fbjax.sched.gpu_profile.fit_bucketed (NNLS per token bucket, "
+    return model, {"method": "fbjax.sched.vidur.fit_bucketed (NNLS per token bucket, "
                              "shared over seq buckets, spill-over, monotone lift)",
                    "spill": spill, "holdout_every": holdout_every,
                    "monotone_lift_ms": {str(t): v * 1e3 for t, v in lifts.items()}}
@@ -769,7 +769,7 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
     grid_max = recipe.linear.max_tokens
     per_bucket = {str(t): recipe.linear.layer_ms(t) for t in buckets.token_buckets}
     return {
-        "source": "vidur operator profiles + fbjax.sched.gpu_profile recipe",
+        "source": "vidur operator profiles + fbjax.profiling.vidur recipe",
         "step_time": "num_layers * (linear ops at the bucket's tokens + attention on the "
                      "contents + 2 all-reduces if TP > 1) + emb + LM head at the seq bucket",
         "vidur": {"repo": VIDUR_REPO, "commit": VIDUR_COMMIT,
@@ -782,7 +782,7 @@ def _metadata(recipe: GpuRecipe, shared: Path, buckets: BucketConfig, plans_per_
         "kv_capacity_tokens": recipe.kv_capacity_tokens(),
         "kv_capacity": {"device_memory_gib": DEVICES[recipe.device]["memory_gib"],
                         "memory_utilization": 0.9, "bytes_per_elem": 2,
-                        "rule": "fbjax.sched.gpu_profile.kv_cache_tokens"},
+                        "rule": "fbjax.sched.vidur.kv_cache_tokens"},
         "measured": {
             "linear_ops": {"file": _rel(recipe.linear.path, shared), "ops": list(LINEAR_OPS),
                            "column": "median", "tp_rows": recipe.tp,
