@@ -1,4 +1,4 @@
-"""absl flags shared by the CLIs that build an engine (generate, and later serve)."""
+"""absl flags shared by the CLIs that build an engine (generate, serve, profile)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, S
 flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
                     "model.")
 flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, fairbatching.")
-flags.DEFINE_string("profile", None, "Latency profile (path or name in configs/profiles); "
-                    "fairbatching defaults to configs/profiles/<device>-<model>.json.")
+flags.DEFINE_string("profile", None, "Latency profile (a path, or a name among the known "
+                    "profiles); fairbatching defaults to <device>-<model>.json.")
 flags.DEFINE_bool("force_profile", False, "Use a profile recorded on another device or for "
                   "another model anyway.")
 flags.DEFINE_list("token_buckets", None, "Token-budget ladder, e.g. 16,32,64,128,256 "

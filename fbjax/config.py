@@ -127,9 +127,9 @@ class BucketConfig:
 class SchedulerConfig:
     """Which policy decides each step, and its step limits (default: the largest bucket).
 
-    ``profile`` is a latency profile (path or name in configs/profiles). FairBatching
-    needs one; without it the engine looks for ``configs/profiles/<device>-<model>.json``
-    (see ``fbjax.profiling``) and fails with an error naming ``--profile`` if there is
+    ``profile`` is a latency profile (a path or a name; see ``fbjax.profiling.store``).
+    FairBatching needs one; without it the engine looks for ``<device>-<model>.json``
+    among the known profiles and fails with an error naming ``--profile`` if there is
     none. A profile recorded on another device or for another model is refused unless
     ``force_profile``. With ``online_update`` the engine refines the profile from every
     measured step. The SLOs are FairBatching's defaults for requests that carry none.

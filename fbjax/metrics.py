@@ -1,6 +1,6 @@
 """Serving metrics with vLLM ``benchmark_serving`` conventions, SLOs and capacity search.
 
-Pure Python + NumPy (no JAX). Definitions (DESIGN.md, "Metrics"):
+Pure Python + NumPy (no JAX). Definitions (docs/architecture.md, "Metrics"):
 
 * TTFT = first token time - arrival. TPOT = (last - first) / (n - 1), only for outputs of
   more than one token. ITL = each gap between consecutive tokens. E2EL = last token

@@ -2,8 +2,8 @@
 
 The same scheduler code and the same evaluation protocol on every device profile: the
 profile of each backend JAX sees on this machine (measured now with ``--measure``, else
-the committed ``configs/profiles/<device>-<model>.json``) beside the GPU profiles built
-from ../shared/data/profiles (and any TPU profile in configs/profiles). For each it
+the known ``<device>-<model>.json``) beside the GPU profiles built
+from the shared data/profiles (and any TPU profile in fbjax/configs/profiles). For each it
 reports the per-bucket latency curves, the FairBatching time budget that results (the
 TPOT SLO a step must fit, and the knee token count it caps steps at), and
 FairBatching's capacity gain over Sarathi, on the same trace slice with SLOs set
@@ -38,7 +38,7 @@ flags.DEFINE_bool("measure", False, "Profile this machine's backends now (python
                   "fbjax.profile) instead of using their committed profiles.")
 flags.DEFINE_float("measure_time_limit_s", 300.0, "Time limit of each --measure run.")
 flags.DEFINE_list("profiles", None, "Profiles to compare (default: every one in "
-                  "configs/profiles, the measured ones replacing their namesakes).")
+                  "fbjax/configs/profiles, the measured ones replacing their namesakes).")
 flags.DEFINE_string("trace", "azure_llm_2023_conv", "Trace for the capacity comparison.")
 flags.DEFINE_string("setting", "strict", "SLO setting (fbjax/sim/protocol.py).")
 
@@ -47,7 +47,8 @@ def this_machine_profiles(out: Path, measure: bool, time_limit_s: float) -> dict
     """Profiles of the backends JAX sees here: measured now, or the committed ones."""
     import jax
 
-    from fbjax.profiling.store import current_device_key, default_profile_path, model_key
+    from fbjax.profiling.device import current_device_key
+    from fbjax.profiling.store import find_profile, model_key
 
     found = {}
     for platform in sorted({d.platform for d in jax.devices()}):
@@ -61,8 +62,8 @@ def this_machine_profiles(out: Path, measure: bool, time_limit_s: float) -> dict
             subprocess.run(cmd, check=True, env={**__import__("os").environ,
                                                  "JAX_PLATFORMS": platform})
         else:
-            path = default_profile_path(device, model_key(None))
-        if path.exists():
+            path = find_profile(device, model_key(None))
+        if path is not None and path.exists():
             found[name] = path
         else:
             print(f"no profile for {name} (run with --measure)", file=sys.stderr)

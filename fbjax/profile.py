@@ -2,16 +2,19 @@
 
 Builds the engine (the built-in model unless ``--model``), runs its AOT-compiled buckets
 over a grid of step contents (decodes and their contexts, prefill chunks and their
-prefixes; see ``fbjax.profiling``) with warm-up and repeats, fits the per-bucket latency
+prefixes; see ``fbjax.profiling.measure``) with warm-up and repeats, fits the per-bucket latency
 model, and writes the profile with its provenance (device, model, bucket set, JAX
 version) and held-out error (MAPE, p95 absolute error; every 5th point per bucket is
 held out of the fit that is scored, then the model is refitted on everything).
 
-    python -m fbjax.profile --out configs/profiles/cpu-builtin-tiny.json --plot fit.png
+    python -m fbjax.profile --plot fit.png
+    python -m fbjax.profile --out fbjax/configs/profiles/cpu-builtin-tiny.json  # to commit
 
-Without ``--out`` the profile goes to ``configs/profiles/<device>-<model>.json``, the
-file the engine looks up for FairBatching. Timings on a shared machine are noisy: the
-median of ``--repeats`` runs is kept per point.
+Without ``--out`` the profile goes to ``<user cache>/fbjax/profiles/<device>-<model>.json``
+(``fbjax.profiling.store.user_profiles_dir``), where the engine looks first for
+FairBatching. Timings on a shared machine are noisy: each point keeps the minimum of
+its ``--repeats`` runs by default (interference only adds time; ``--statistic median``
+keeps the median).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from fbjax.config import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Where to write the profile (default: "
-                    "configs/profiles/<device>-<model>.json).")
+                    "<device>-<model>.json in the user's profile cache, $FBJAX_PROFILE_DIR "
+                    "or ~/.cache/fbjax/profiles).")
 flags.DEFINE_integer("points_per_bucket", 24, "Step contents measured per bucket.")
 flags.DEFINE_integer("warmup", 1, "Untimed runs before each point's repeats.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per point, in passes over the whole grid.")

@@ -22,7 +22,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fbjax.profiling.store import load_profile  # noqa: E402
-from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S  # noqa: E402
+from fbjax.routing.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S  # noqa: E402
 from fbjax.sched.fairbatching import FairBatchingConfig  # noqa: E402
 from fbjax.sim.cluster import cluster_capacity, simulate_cluster  # noqa: E402
 from fbjax.sim.instance import PolicySpec  # noqa: E402

@@ -35,7 +35,7 @@ flags.DEFINE_string("length_scale", "auto", "Prompt/output length factor or 'aut
 flags.DEFINE_float("slo_ttft_ms", 1500.0, "TTFT SLO (ms).")
 flags.DEFINE_float("slo_tpot_ms", 60.0, "TPOT SLO (ms).")
 flags.DEFINE_integer("sarathi_budget", 128, "Sarathi token budget.")
-flags.DEFINE_string("profile", None, "Engine profile (default configs/profiles/<device>-"
+flags.DEFINE_string("profile", None, "Engine profile (default the known <device>-"
                     "<model>.json).")
 flags.DEFINE_float("calibrate_s", 20.0, "Seconds of trace before the slice replayed on the "
                    "engine first, to refine the profile online (0: use it as recorded).")
@@ -44,7 +44,7 @@ flags.DEFINE_string("json", None, "Write all figures here.")
 
 def main(argv):
     del argv
-    from fbjax.engine_replay import (
+    from fbjax.replay.engine import (
         calibrated_slice,
         engine_profile,
         replay_engine,

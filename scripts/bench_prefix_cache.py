@@ -116,7 +116,7 @@ def shared_prefix_trace() -> Trace:
 
 
 def engine_part() -> dict:
-    from fbjax.engine_replay import build_engine, replay_engine, scheduler_config
+    from fbjax.replay.engine import build_engine, replay_engine, scheduler_config
 
     trace = shared_prefix_trace()
     slo = SLO(3.0, 0.1)

@@ -1,6 +1,6 @@
 """FairBatching vs Sarathi-Serve vs vLLM-style chunked prefill in the simulator.
 
-Follows DESIGN.md "Evaluation protocol": for each trace and SLO setting (strict and
+Follows the evaluation protocol (docs/architecture.md): for each trace and SLO setting (strict and
 relaxed, as multiples of the profile's unloaded latencies: a request's TTFT SLO is
 k x its own prefill time alone, floored at k x that of the trace's median prompt; TPOT
 is k' x one decode step at median context), it finds each

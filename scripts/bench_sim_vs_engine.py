@@ -9,7 +9,7 @@ this machine's capacity (``--load`` x the simulator's capacity for the first pol
 
 for each policy, and the TTFT / TPOT p50 / p99 of the two are compared (relative
 difference, engine as the reference). The profile is the recorded one
-(``configs/profiles/<device>-<model>.json``) brought up to the machine's present state
+(``<device>-<model>.json``, see ``fbjax.profiling.store``) brought up to the machine's present state
 by ``--calibrate_s`` seconds of the trace just before the slice replayed on the engine
 with online refinement on (0 disables it), which also measures the engine's host work
 per step (scheduling, batch building, fetching samples; the simulator adds it to every
@@ -51,7 +51,7 @@ flags.DEFINE_string("length_scale", "auto", "Prompt/output length factor or 'aut
 flags.DEFINE_float("slo_ttft_ms", 1500.0, "TTFT SLO (ms).")
 flags.DEFINE_float("slo_tpot_ms", 60.0, "TPOT SLO (ms).")
 flags.DEFINE_integer("sarathi_budget", 128, "Sarathi token budget.")
-flags.DEFINE_string("profile", None, "Engine profile (default configs/profiles/<device>-"
+flags.DEFINE_string("profile", None, "Engine profile (default the known <device>-"
                     "<model>.json).")
 flags.DEFINE_float("calibrate_s", 20.0, "Seconds of trace before the slice replayed on the "
                    "engine first, to refine the profile online (0: use it as recorded).")
@@ -63,7 +63,8 @@ METRICS = (("TTFT p50", "ttft", 50), ("TTFT p99", "ttft", 99), ("TPOT p50", "tpo
 
 def main(argv):
     del argv
-    from fbjax.engine_replay import (
+    from fbjax.profiling.store import Profile
+    from fbjax.replay.engine import (
         calibrated_slice,
         engine_profile,
         relative_difference,
@@ -72,7 +73,6 @@ def main(argv):
         sim_policy_spec,
         step_time_summary,
     )
-    from fbjax.profiling.store import Profile
     from fbjax.sim.experiment import SLO, capacity, simulate
 
     slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3)

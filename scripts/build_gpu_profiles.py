@@ -1,10 +1,10 @@
-"""Build GPU latency profiles (configs/profiles/<device>-<model>.json) from vidur data.
+"""Build GPU latency profiles (fbjax/configs/profiles/<device>-<model>.json) from vidur data.
 
 Measured linear-op timings and modelled attention (see fbjax/sched/vidur.py) give
 each step plan's time on each bucket; a LatencyModel is fitted on many synthetic plans.
 Prints one row per profile and the README's worked numbers recomputed with the recipe.
 
-    python scripts/build_gpu_profiles.py [--shared ../shared] [--out_dir configs/profiles]
+    python scripts/build_gpu_profiles.py [--shared ../shared] [--out_dir fbjax/configs/profiles]
         [--devices a100-llama3-8b,h100-llama2-7b,a100-llama2-7b]
 """
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shared", None, "Shared data dir (holds data/profiles/vidur); default "
                     "$FBJAX_SHARED or <repo>/../shared.")
-flags.DEFINE_string("out_dir", "configs/profiles", "Where to write the JSON profiles "
+flags.DEFINE_string("out_dir", "fbjax/configs/profiles", "Where to write the JSON profiles "
                     "(relative to the repo root unless absolute).")
 flags.DEFINE_list("devices", list(vidur.DEFAULT_PROFILES),
                   f"Profiles to build, <device>-<model>; known: {sorted(vidur.PROFILES)}.")

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from fbjax.config import BucketConfig, SchedulerConfig
+from fbjax.profiling.device import current_device_key, device_key_of
 from fbjax.profiling.measure import bucket_grid, fit_profile, measure, profile_grid
 from fbjax.profiling.store import (
     ProfileError,
     check_profile,
-    current_device_key,
-    device_key_of,
     load_engine_profile,
     model_key,
     validate_engine_metadata,
@@ -264,7 +263,7 @@ def test_saved_refined_profile_keeps_the_correction(fb_engine, tmp_path):
 # ----- replay through the engine ---------------------------------------------------------------
 
 def test_fit_lengths_scales_to_the_context():
-    from fbjax.engine_replay import fit_lengths
+    from fbjax.replay.engine import fit_lengths
     from fbjax.traces import Trace, TraceRequest
 
     trace = Trace("t", [TraceRequest(i * 0.1, p, o) for i, (p, o) in
@@ -278,7 +277,7 @@ def test_fit_lengths_scales_to_the_context():
 
 
 def test_replay_through_engine_reports_every_request(fb_engine):
-    from fbjax.engine_replay import engine_profile, replay_engine
+    from fbjax.replay.engine import engine_profile, replay_engine
     from fbjax.sim.experiment import SLO
     from fbjax.traces import Trace, TraceRequest
 

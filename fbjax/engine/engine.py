@@ -22,12 +22,12 @@ from fbjax.engine.batch import build_batch
 from fbjax.engine.buckets import enable_compilation_cache
 from fbjax.engine.runner import ModelRunner
 from fbjax.model.weights import LoadedModel, load_model
-from fbjax.profiling.store import current_device_key, load_engine_profile, model_key
+from fbjax.profiling.device import current_device_key
+from fbjax.profiling.store import load_engine_profile, model_key
 from fbjax.sched.base import StepLimits, StepPlan
-from fbjax.sched.fairbatching import FairBatchingConfig
 from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel, StepFeatures
-from fbjax.sched.registry import make_scheduler
+from fbjax.sched.registry import needs_latency_model, scheduler_from_config
 from fbjax.sched.request import Request, RequestStatus, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class LLMEngine:
         config = self.config = dataclasses.replace(self.config, scheduler=sched)
         self.latency: LatencyModel | None = None
         self.profile_path: Path | None = None
-        if sched.policy == "fairbatching" or sched.profile:
+        if needs_latency_model(sched.policy) or sched.profile:
             self.latency, self.profile_path, warnings = load_engine_profile(
                 sched.profile, device=current_device_key(), model=model_key(config.model),
                 buckets=config.buckets, force=sched.force_profile)
@@ -113,10 +113,7 @@ class LLMEngine:
                 log.warning(warning)
         limits = StepLimits.from_buckets(config.buckets, sched.max_num_batched_tokens,
                                          sched.max_num_seqs)
-        self.scheduler = make_scheduler(
-            sched.policy, limits, self.kv, latency=self.latency,
-            fairbatching=FairBatchingConfig(ttft_slo_s=sched.ttft_slo_s,
-                                            tpot_slo_s=sched.tpot_slo_s, anchor=sched.anchor))
+        self.scheduler = scheduler_from_config(sched, limits, self.kv, self.latency)
 
     # ----- requests ---------------------------------------------------------------
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,

@@ -108,7 +108,7 @@ class HFTokenizer:
         model_dir = Path(model_dir)
         tok = cls(model_dir / "tokenizer.json", eos_token_ids, bos_token_id)
         if not tok.eos_token_ids:
-            eos = _special_from_tokenizer_config(model_dir, "eos_token")
+            eos = special_token_from_config(model_dir, "eos_token")
             if eos is not None and tok._tok.token_to_id(eos) is not None:
                 tok.eos_token_ids = (tok._tok.token_to_id(eos),)
         return tok
@@ -123,7 +123,7 @@ class HFTokenizer:
         return self._tok.token_to_id(token)
 
 
-def _special_from_tokenizer_config(model_dir: Path, key: str) -> str | None:
+def special_token_from_config(model_dir: Path, key: str) -> str | None:
     path = model_dir / "tokenizer_config.json"
     try:
         value = json.loads(path.read_text()).get(key)

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fbjax.config import BucketConfig
-from fbjax.profiling.store import ProfileError, current_device_key, device_detail, model_key
+from fbjax.profiling.device import current_device_key, device_detail
+from fbjax.profiling.store import ProfileError, model_key
 from fbjax.sched.latency import FEATURES, FORMAT, LatencyModel, StepFeatures
 
 Bucket = tuple[int, int]

@@ -13,10 +13,10 @@ import uvicorn
 from absl import app, flags, logging
 
 from fbjax.config import ConfigError
-from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S
-from fbjax.router.policy import POLICY_NAMES
 from fbjax.router.prompt import prompt_token_counter
 from fbjax.router.server import Router, RouterSettings, build_router_app
+from fbjax.routing.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S
+from fbjax.routing.policy import POLICY_NAMES
 from fbjax.serve.sockets import listen_socket
 
 FLAGS = flags.FLAGS

@@ -1,7 +1,7 @@
 """The router's HTTP front door: OpenAI-compatible endpoints that forward to replicas.
 
-Each request is placed by the shared policy and hold queue (``fbjax.router.policy``,
-``fbjax.router.dispatch``) and forwarded unchanged; streams pass through byte for
+Each request is placed by the shared policy and hold queue (``fbjax.routing.policy``,
+``fbjax.routing.dispatch``) and forwarded unchanged; streams pass through byte for
 byte. A background poller reads every replica's ``GET /load`` each
 ``poll_interval_s``: a reply refreshes its Prefill Admission Budget and marks it
 healthy; no reply (or a draining one) marks it unhealthy, so no new request goes
@@ -38,13 +38,13 @@ from prometheus_client import (
     generate_latest,
 )
 
-from fbjax.router.dispatch import (
+from fbjax.routing.dispatch import (
     DEFAULT_MAX_HOLD_S,
     DEFAULT_POLL_INTERVAL_S,
     Dispatcher,
     QueueFull,
 )
-from fbjax.router.policy import NoHealthyReplica, ReplicaState, make_policy
+from fbjax.routing.policy import NoHealthyReplica, ReplicaState, make_policy
 from fbjax.serve.protocol import OpenAIError
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ Three ideas, each switchable for ablation:
    ``arrival + ttft_slo + j * tpot_slo`` (``anchor="arrival"``, the paper's).
    The envelope is monotonic: a request that ran ahead has banked slack it can lend
    out. We default to the first-token anchor because an arrival anchor lets TTFT
-   slack leak into TPOT and breaks the vLLM-view TPOT SLO (DESIGN.md, "What a first
-   prototype showed"). ``max_decode_stall_tpots`` (default 3 TPOT SLOs) and
+   slack leak into TPOT and breaks the vLLM-view TPOT SLO (docs/architecture.md,
+   "Metrics"). ``max_decode_stall_tpots`` (default 3 TPOT SLOs) and
    ``max_decode_stall_s`` cap how long a decode may be skipped between two tokens,
    whatever its banked slack.
 2. **Adaptive capacity** (``adaptive_capacity``): each step gets a *time* budget
@@ -70,7 +70,7 @@ class _Decodes(NamedTuple):
 class FairBatchingConfig:
     """Free constants of the policy, each with the reason for its default."""
 
-    # Defaults for requests that carry no SLO of their own (the DESIGN prototype's).
+    # Defaults for requests that carry no SLO of their own (the first prototype's).
     ttft_slo_s: float = 3.0
     tpot_slo_s: float = 0.1
     anchor: str = "first_token"

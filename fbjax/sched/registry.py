@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fbjax.config import SchedulerConfig
 from fbjax.sched.base import Scheduler, StepLimits
 from fbjax.sched.fairbatching import FairBatchingConfig, FairBatchingScheduler
 from fbjax.sched.kv_cache import KVCacheManager
@@ -10,6 +11,13 @@ from fbjax.sched.sarathi import SarathiScheduler
 from fbjax.sched.vllm import VLLMScheduler
 
 POLICIES = ("vllm", "sarathi", "fairbatching")
+# Policies that cannot run without a latency model (the others may refine one).
+NEEDS_LATENCY_MODEL = frozenset({"fairbatching"})
+
+
+def needs_latency_model(policy: str) -> bool:
+    """Whether ``policy`` needs a latency profile to schedule at all."""
+    return policy in NEEDS_LATENCY_MODEL
 
 
 def make_scheduler(policy: str, limits: StepLimits, kv: KVCacheManager, *,
@@ -26,3 +34,13 @@ def make_scheduler(policy: str, limits: StepLimits, kv: KVCacheManager, *,
                              "(a LatencyModel, e.g. from --profile)")
         return FairBatchingScheduler(limits, kv, latency, fairbatching)
     raise ValueError(f"unknown scheduler {policy!r}; choose one of {list(POLICIES)}")
+
+
+def scheduler_from_config(config: SchedulerConfig, limits: StepLimits, kv: KVCacheManager,
+                          latency: LatencyModel | None = None) -> Scheduler:
+    """The scheduler an engine's :class:`SchedulerConfig` describes; its SLO defaults
+    and envelope anchor go to the policies that use them."""
+    return make_scheduler(
+        config.policy, limits, kv, latency=latency,
+        fairbatching=FairBatchingConfig(ttft_slo_s=config.ttft_slo_s,
+                                        tpot_slo_s=config.tpot_slo_s, anchor=config.anchor))

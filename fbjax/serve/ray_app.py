@@ -6,7 +6,7 @@ builder, so every replica process builds its own engine). Each replica publishes
 FairBatching load estimate through Ray Serve's ``record_routing_stats`` hook, and
 :class:`PABRequestRouter`, a custom ``RequestRouter``, ranks replicas with the very
 policy code of the standalone router and the cluster simulator
-(``fbjax.router.policy``). Ray's HTTP proxy does not parse bodies, so this router
+(``fbjax.routing.policy``). Ray's HTTP proxy does not parse bodies, so this router
 ranks by budget alone (prompt length 0): the replica with the most admission budget
 first, an idle replica when every budget is spent.
 
@@ -28,7 +28,7 @@ from ray.serve.request_router import (
 )
 
 from fbjax.config import EngineConfig
-from fbjax.router.policy import PrefillAdmissionBudget, ReplicaState, release_target
+from fbjax.routing.policy import PrefillAdmissionBudget, ReplicaState, release_target
 from fbjax.serve.app import ServerSettings, ServerState, build_app, load_snapshot
 
 log = logging.getLogger(__name__)

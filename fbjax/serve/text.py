@@ -34,7 +34,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from fbjax.model.tokenizer import Tokenizer, _special_from_tokenizer_config
+from fbjax.model.tokenizer import Tokenizer, special_token_from_config
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ class ChatTemplate:
         bos = eos = ""
         if model_dir is not None:
             d = Path(model_dir)
-            bos = _special_from_tokenizer_config(d, "bos_token") or ""
-            eos = _special_from_tokenizer_config(d, "eos_token") or ""
+            bos = special_token_from_config(d, "bos_token") or ""
+            eos = special_token_from_config(d, "eos_token") or ""
         if override is not None:
             return cls(Path(override).read_text(), bos, eos, name=str(override))
         if model_dir is not None:

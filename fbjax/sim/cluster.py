@@ -25,8 +25,8 @@ from fbjax.metrics import (
     summarize,
 )
 from fbjax.profiling.store import Profile
-from fbjax.router.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S, Dispatcher
-from fbjax.router.policy import ReplicaState, make_policy
+from fbjax.routing.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S, Dispatcher
+from fbjax.routing.policy import ReplicaState, make_policy
 from fbjax.sched.base import Scheduler
 from fbjax.sched.latency import LatencyModel
 from fbjax.sched.request import Request

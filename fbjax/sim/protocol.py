@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md in one place: which slice of a trace, which SLOs.
+"""The evaluation protocol (docs/architecture.md) in one place: which slice of a trace, which SLOs.
 
 SLOs are multiples of the profile's unloaded latencies (DistServe / Sarathi-Serve
 practice): a request's TTFT SLO is k x its own prefill time alone, floored at k x that

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fbjax.router.dispatch import Dispatcher, QueueFull
-from fbjax.router.policy import (
+from fbjax.routing.dispatch import Dispatcher, QueueFull
+from fbjax.routing.policy import (
     LeastRequests,
     NoHealthyReplica,
     PrefillAdmissionBudget,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fbjax.router.policy import POLICY_NAMES
+from fbjax.routing.policy import POLICY_NAMES
 from fbjax.sim.cluster import ClusterSimulator
 from fbjax.sim.simulator import SimRequest, Simulator
 from tests.sim.test_simulator import LINEAR, make, trace

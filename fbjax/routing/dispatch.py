@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
-from fbjax.router.policy import ReplicaState, RoutingPolicy, release_target
+from fbjax.routing.policy import ReplicaState, RoutingPolicy, release_target
 
 # How long a request may wait for a budget to fit. Short: in the cluster simulator
 # (bench_cluster.py, azure conv, 4 instances) holding 1 s cost attainment past capacity

@@ -3,8 +3,9 @@
 ``python -m fbjax.replay --trace azure_llm_2023_conv``
 
 Replays a request trace (a name in ``<shared>/data/traces`` or a path) through one or
-more schedulers on a latency profile (``configs/profiles``), and prints, per policy, a
-results block like vLLM's serving benchmark plus a side-by-side table. ``--capacity``
+more schedulers on a latency profile (a name or a path; ``fbjax.profiling.store``), and
+prints, per policy, a results block like vLLM's serving benchmark plus a side-by-side
+table. ``--capacity``
 adds the highest rate scale meeting the SLO for 99% of requests (bisection);
 ``--plot`` draws TTFT and TPOT CDFs; ``--json`` writes every figure.
 
@@ -13,9 +14,9 @@ adds the highest rate scale meeting the SLO for 99% of requests (bisection);
         --slo_ttft_ms 3000 --slo_tpot_ms 100 --plot cdf.png
 
 With ``--engine`` the trace slice runs on the real engine (the built-in model unless
-``--model``; real tokens, wall-clock time; see ``fbjax.engine_replay``), policies one
+``--model``; real tokens, wall-clock time; see ``fbjax.replay.engine``), policies one
 after another on one compiled engine, with the same report. The profile is then the
-engine's (default ``configs/profiles/<device>-<model>.json``); prompt and output lengths
+engine's (default ``<device>-<model>.json`` among the known profiles); prompt and output lengths
 are scaled to the model's context (``--length_scale``), and the report says by how much.
 
     python -m fbjax.replay --engine --trace azure_llm_2023_conv --duration_s 60 \
@@ -28,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from fbjax.metrics import format_table
@@ -145,14 +146,14 @@ def plot_cdfs(outcomes: list[Outcome], slo: SLO, path: str, title: str) -> None:
 
 def engine_main(trace) -> int:
     """``--engine``: the slice through the real engine, each policy in turn."""
-    from fbjax.engine_replay import (
+    from fbjax.profiling.store import ProfileError
+    from fbjax.replay.engine import (
         build_engine,
         engine_profile,
         fit_lengths,
         scheduler_config,
         step_time_summary,
     )
-    from fbjax.profiling.store import ProfileError
 
     if FLAGS.capacity:
         raise ValueError("--capacity needs the simulator (it replays at many rates); "
@@ -198,7 +199,7 @@ def engine_main(trace) -> int:
           f"engine ({engine.model_config.name}, {engine.profile_path.stem} profile); "
           f"{scaling.describe()}; SLO {slo.describe()}; Sarathi/vLLM budget {budget} tokens")
     outcomes = []
-    from fbjax.engine_replay import replay_engine
+    from fbjax.replay.engine import replay_engine
 
     for name in FLAGS.scheduler:
         engine.use_scheduler(scheduler_config(engine, name, slo, token_budget=budget,
@@ -311,6 +312,3 @@ def main(argv: list[str]) -> int:
         print(f"figures written to {FLAGS.json}")
     return 0
 
-
-if __name__ == "__main__":
-    app.run(main)
