@@ -189,6 +189,26 @@ def test_bad_chat_input(http):
     assert r.status_code == 404 and "error" in r.json()
 
 
+@pytest.mark.parametrize("fields, status, param", [
+    ({"model": "gpt-4", "temperature": -1}, 404, "model"),  # the model is checked first
+    ({"temperature": -1, "stop": [""]}, 400, "temperature"),
+    ({"n": 100}, 400, "n"),
+    ({"stop": ["x"] * 17}, 400, "stop"),
+    ({"slo_tpot_ms": 0}, 400, "slo_tpot_ms"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 10_000}, 400, "max_tokens"),
+])
+def test_chat_and_completions_share_their_checks(http, fields, status, param):
+    """Both endpoints run one validation path: the same body errs the same way."""
+    answers = [http.post("/v1/completions", json={"prompt": "x", **fields}),
+               http.post("/v1/chat/completions",
+                         json={"messages": [{"role": "user", "content": "x"}], **fields})]
+    for r in answers:
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param
+    assert answers[0].json()["error"]["type"] == answers[1].json()["error"]["type"]
+
+
 def test_api_key_is_checked(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.post(server.base_url + "/completions", json={"prompt": "x"}, headers=headers)

@@ -1,0 +1,86 @@
+"""One HTTP request's engine requests (one per choice) and their text as it streams in.
+
+It turns the engine loop's per-request :class:`Event` s into per-choice text deltas
+(stop strings cut, incomplete UTF-8 held back) and keeps what the final body and the
+usage need, so the response code never sees token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fbjax.engine.engine import InvalidRequestError
+from fbjax.serve.engine_loop import Event, Submission
+from fbjax.serve.protocol import OpenAIError, usage
+from fbjax.serve.state import ServerState
+from fbjax.serve.text import IncrementalText
+
+
+class Generation:
+    """The engine requests behind one HTTP request, and their streamed text."""
+
+    def __init__(self, state: ServerState, submissions: list[Submission],
+                 stop: tuple[str, ...], prompt_tokens: int) -> None:
+        self.state = state
+        self.submissions = submissions
+        self.texts = [IncrementalText(state.tokenizer, stop) for _ in submissions]
+        self.finish_reasons: list[str | None] = [None] * len(submissions)
+        self.final_texts = [""] * len(submissions)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.cached_tokens = 0  # the most any choice found in the prefix cache
+        self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._added: list[str] = []
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.submissions)
+
+    async def start(self) -> None:
+        """Hand every choice to the engine; all or nothing."""
+        try:
+            for i, sub in enumerate(self.submissions):
+                await self.state.loop.add(sub, lambda ev, i=i: self._events.put_nowait((i, ev)))
+                self._added.append(sub.request_id)
+        except InvalidRequestError as e:
+            self.abort()
+            raise OpenAIError(400, str(e)) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Abort every choice that has not finished (the client is gone)."""
+        for i, sub in enumerate(self.submissions):
+            if self.finish_reasons[i] is None and sub.request_id in self._added:
+                self.state.loop.abort(sub.request_id)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice, new text, finish reason or None) until every choice is done."""
+        while not self.done:
+            i, ev = await self._events.get()
+            if ev.error is not None:
+                self.finish_reasons[i] = "error"
+                raise RuntimeError(ev.error)
+            text = self.texts[i]
+            if ev.final is None:
+                delta = text.add(ev.new_token_ids)
+                if delta:
+                    yield i, delta, None
+                continue
+            delta = text.finish(ev.final.text)  # the final text, cut at a stop string
+            self.final_texts[i] = ev.final.text
+            self.finish_reasons[i] = ev.final.finish_reason
+            self.completion_tokens += len(ev.final.token_ids)
+            self.cached_tokens = max(self.cached_tokens, ev.final.num_cached_tokens)
+            yield i, delta, ev.final.finish_reason
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.completion_tokens,
+                     min(self.cached_tokens, self.prompt_tokens))
