@@ -4,7 +4,8 @@
   the engine or the model: the simulator runs the same policy objects without them
   (and importing JAX is slow). Checked statically (every import statement, including
   the ones inside functions) and in a fresh interpreter.
-* The engine does not import the simulator.
+* The engine does not import the simulator; the server and the router do not import
+  each other.
 * The attention kernels never import fbjax: they are a library of their own.
 * No module imports another module's private (``_``-prefixed) names.
 """
@@ -69,6 +70,12 @@ def test_pure_side_imports_no_jax_engine_or_model():
 
 def test_engine_does_not_import_the_simulator():
     assert _violations(_files("engine"), ("fbjax.sim", "fbjax.replay")) == []
+
+
+def test_server_and_router_do_not_import_each_other():
+    """What they share (error bodies, the listening socket) lives in ``fbjax.web``."""
+    assert _violations(_files("serve"), ("fbjax.router",)) == []
+    assert _violations(_files("router"), ("fbjax.serve",)) == []
 
 
 def test_kernels_never_import_fbjax():

@@ -17,7 +17,7 @@ from fbjax.router.prompt import prompt_token_counter
 from fbjax.router.server import Router, RouterSettings, build_router_app
 from fbjax.routing.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S
 from fbjax.routing.policy import POLICY_NAMES
-from fbjax.serve.sockets import listen_socket
+from fbjax.web.sockets import listen_socket
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("replica", [], "Base URL of a replica (repeat the flag).")

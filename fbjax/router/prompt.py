@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fbjax.model.chat_template import ChatTemplate
 from fbjax.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from fbjax.serve.text import ChatTemplate
 
 
 def prompt_token_counter(model_dir: str | None,

@@ -45,7 +45,7 @@ from fbjax.routing.dispatch import (
     QueueFull,
 )
 from fbjax.routing.policy import NoHealthyReplica, ReplicaState, make_policy
-from fbjax.serve.protocol import OpenAIError
+from fbjax.web.errors import OpenAIError
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from absl import app, flags, logging
 from fbjax.cli_flags import engine_config_from_flags
 from fbjax.config import ConfigError, ModelConfig
 from fbjax.engine.engine import LLMEngine
+from fbjax.model.chat_template import ChatTemplate
 from fbjax.resources import BUILTIN_MODEL_CONFIG
 from fbjax.serve.app import ServerSettings, ServerState, build_app
-from fbjax.serve.sockets import listen_socket
-from fbjax.serve.text import ChatTemplate
+from fbjax.web.sockets import listen_socket
 
 FLAGS = flags.FLAGS
 FLAGS.set_default("scheduler", "fairbatching")

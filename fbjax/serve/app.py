@@ -33,7 +33,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fbjax.serve.metrics import ServerMetrics
-from fbjax.serve.protocol import OpenAIError
 from fbjax.serve.routes import ROUTERS
 from fbjax.serve.state import (
     ServerSettings,
@@ -43,6 +42,7 @@ from fbjax.serve.state import (
     load_snapshot,
     state_of,
 )
+from fbjax.web.errors import OpenAIError
 
 # What other modules import from here.
 __all__ = ["ServerSettings", "ServerState", "build_app", "load_snapshot"]

@@ -13,9 +13,10 @@ from typing import Any
 
 from fbjax.engine.engine import InvalidRequestError
 from fbjax.serve.engine_loop import Event, Submission
-from fbjax.serve.protocol import OpenAIError, usage
+from fbjax.serve.protocol import usage
 from fbjax.serve.state import ServerState
 from fbjax.serve.text import IncrementalText
+from fbjax.web.errors import OpenAIError
 
 
 class Generation:

@@ -78,8 +78,8 @@ def _asgi_builder(config: EngineConfig, settings: ServerSettings,
         # Ray pickles this closure by value, globals included: set the state on the
         # imported module, where FbjaxReplica.record_routing_stats reads it.
         from fbjax.engine.engine import LLMEngine
+        from fbjax.model.chat_template import ChatTemplate
         from fbjax.serve import ray_app
-        from fbjax.serve.text import ChatTemplate
 
         engine = LLMEngine(config)
         state = ServerState(engine, settings,

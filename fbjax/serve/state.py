@@ -18,9 +18,9 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 
 from fbjax.engine.engine import LLMEngine
+from fbjax.model.chat_template import ChatTemplate
 from fbjax.serve.engine_loop import EngineLoop
 from fbjax.serve.metrics import ServerMetrics
-from fbjax.serve.text import ChatTemplate
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fbjax.serve.generation import Generation
-from fbjax.serve.protocol import OpenAIError
 from fbjax.serve.responses import ResponseBodies
+from fbjax.web.errors import OpenAIError
 
 T = TypeVar("T")
 

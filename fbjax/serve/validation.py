@@ -4,14 +4,9 @@ long, 429 queue full, 503 draining), so that no bad request costs engine time.""
 
 from __future__ import annotations
 
-from fbjax.serve.protocol import (
-    MAX_N,
-    MAX_STOP,
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAIError,
-)
+from fbjax.serve.protocol import MAX_N, MAX_STOP, ChatCompletionRequest, CompletionRequest
 from fbjax.serve.state import ServerState
+from fbjax.web.errors import OpenAIError
 
 GenerateRequest = CompletionRequest | ChatCompletionRequest
 

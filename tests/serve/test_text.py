@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fbjax.model.chat_template import ChatTemplate
 from fbjax.model.tokenizer import ByteTokenizer
-from fbjax.serve.text import ChatTemplate, IncrementalText
+from fbjax.serve.text import IncrementalText
 
 TOK = ByteTokenizer()
 

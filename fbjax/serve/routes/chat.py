@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from fbjax.serve.protocol import ChatCompletionRequest, OpenAIError
+from fbjax.serve.protocol import ChatCompletionRequest
 from fbjax.serve.responses import ChatBodies
 from fbjax.serve.routes.generate import Prompts, encode, generate
 from fbjax.serve.state import ServerState, StateDep
+from fbjax.web.errors import OpenAIError
 
 router = APIRouter()
 

@@ -24,7 +24,7 @@ from fbjax.engine.engine import InvalidRequestError
 from fbjax.sched.request import SamplingParams
 from fbjax.serve.engine_loop import Submission
 from fbjax.serve.generation import Generation
-from fbjax.serve.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, new_id
+from fbjax.serve.protocol import ChatCompletionRequest, CompletionRequest, new_id
 from fbjax.serve.responses import ResponseBodies
 from fbjax.serve.state import ServerState
 from fbjax.serve.streaming import respond
@@ -36,6 +36,7 @@ from fbjax.serve.validation import (
     fit_max_tokens,
     stop_strings,
 )
+from fbjax.web.errors import OpenAIError
 
 R = TypeVar("R", CompletionRequest, ChatCompletionRequest)
 
