@@ -28,13 +28,15 @@ from fbjax.sched.base import StepLimits, StepPlan
 from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel, StepFeatures
 from fbjax.sched.registry import needs_latency_model, scheduler_from_config
-from fbjax.sched.request import Request, RequestStatus, SamplingParams
+from fbjax.sched.request import (
+    InvalidRequestError,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    check_slo,
+)
 
 log = logging.getLogger(__name__)
-
-
-class InvalidRequestError(ValueError):
-    """The request cannot be served as given; the message says which field and why."""
 
 
 @dataclasses.dataclass
@@ -121,7 +123,7 @@ class LLMEngine:
                     ttft_slo: float | None = None, tpot_slo: float | None = None) -> str:
         """Validate and enqueue a request; returns its id. Raises InvalidRequestError."""
         sampling = sampling or SamplingParams()
-        token_ids = self.encode_and_validate(prompt, sampling)
+        token_ids = self.encode_and_validate(prompt, sampling, ttft_slo, tpot_slo)
         if sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=self._seeds.getrandbits(32))
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -135,26 +137,47 @@ class LLMEngine:
             raise InvalidRequestError(str(e)) from None
         return request_id
 
-    def encode_and_validate(self, prompt: str | list[int],
-                            sampling: SamplingParams) -> list[int]:
-        """The prompt's token ids, or InvalidRequestError naming what is wrong."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty: give at least one character")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
+    def encode_prompt(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids of prompt text; InvalidRequestError for empty or invalid Unicode
+        text (a lone surrogate from JSON's ``\\ud800`` cannot be tokenized)."""
+        if not text:
+            raise InvalidRequestError(f"{param} is empty: give at least one character", param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"{param} is not valid Unicode text ({e.reason} at "
+                                      f"character {e.start})", param) from None
+        return self.tokenizer.encode(text)
+
+    def encode_and_validate(self, prompt: str | list[int], sampling: SamplingParams,
+                            ttft_slo: float | None = None,
+                            tpot_slo: float | None = None) -> list[int]:
+        """The prompt's token ids, or InvalidRequestError naming what is wrong. The one
+        place every request is checked against the model and the compiled step (the
+        server calls it too, before it queues anything)."""
+        vocab = self.model_config.vocab_size
+        token_ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
-            raise InvalidRequestError("prompt is empty: give at least one token")
-        bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
+            raise InvalidRequestError("prompt is empty: give at least one token", "prompt")
+        bad = [t for t in token_ids
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.model_config.vocab_size})")
+            raise InvalidRequestError(f"prompt token id {bad[0]!r} is outside the vocabulary "
+                                      f"[0, {vocab})", "prompt")
+        if sampling.top_k > vocab:
+            raise InvalidRequestError(f"top_k must be at most the vocabulary size ({vocab}), "
+                                      f"got {sampling.top_k}", "top_k")
+        bad = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {vocab})", "stop_token_ids")
+        check_slo("ttft_slo", ttft_slo)
+        check_slo("tpot_slo", tpot_slo)
         total = len(token_ids) + sampling.max_tokens
         if len(token_ids) >= self.max_model_len or total > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt of {len(token_ids)} tokens plus max_tokens={sampling.max_tokens} "
-                f"exceeds the model's context of {self.max_model_len} tokens")
+                f"exceeds the model's context of {self.max_model_len} tokens", "max_tokens")
         return token_ids
 
     def abort_request(self, request_id: str) -> bool:

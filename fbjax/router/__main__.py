@@ -17,6 +17,8 @@ from fbjax.router.prompt import prompt_token_counter
 from fbjax.router.server import Router, RouterSettings, build_router_app
 from fbjax.routing.dispatch import DEFAULT_MAX_HOLD_S, DEFAULT_POLL_INTERVAL_S
 from fbjax.routing.policy import POLICY_NAMES
+from fbjax.web.cli import define_http_limit_flags, http_limits_from_flags
+from fbjax.web.limits import HttpLimits
 from fbjax.web.sockets import listen_socket
 
 FLAGS = flags.FLAGS
@@ -31,6 +33,9 @@ flags.DEFINE_float("poll_interval_s", DEFAULT_POLL_INTERVAL_S,
 flags.DEFINE_float("max_hold_s", DEFAULT_MAX_HOLD_S,
                    "Longest a request waits for a replica's budget to fit.")
 flags.DEFINE_integer("max_queue", 1024, "Held requests beyond this get 429.")
+flags.DEFINE_float("shutdown_timeout_s", HttpLimits.shutdown_timeout_s, "On SIGTERM, the "
+                   "longest the router waits for open requests before it exits.")
+define_http_limit_flags()
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +48,8 @@ def main(argv: list[str]) -> int:
         if FLAGS.max_hold_s < 0 or FLAGS.max_queue < 0:
             raise ConfigError("--max_hold_s and --max_queue must be >= 0")
         settings = RouterSettings(FLAGS.replica, FLAGS.policy, FLAGS.poll_interval_s,
-                                  FLAGS.max_hold_s, FLAGS.max_queue)
+                                  FLAGS.max_hold_s, FLAGS.max_queue,
+                                  limits=http_limits_from_flags(FLAGS.shutdown_timeout_s))
         router = Router(settings, prompt_token_counter(FLAGS.model))
         sock = listen_socket(FLAGS.host, FLAGS.port)
     except (ConfigError, ValueError, OSError) as e:
@@ -54,7 +60,8 @@ def main(argv: list[str]) -> int:
                  " ".join(FLAGS.replica))
     logging.info("listening on http://%s:%d", host, port)
     uvicorn.Server(uvicorn.Config(build_router_app(router), log_level="warning",
-                                  lifespan="on")).run(sockets=[sock])
+                                  lifespan="on", **settings.limits.uvicorn_kwargs()),
+                   ).run(sockets=[sock])
     return 0
 
 

@@ -37,6 +37,7 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fbjax.routing.dispatch import (
     DEFAULT_MAX_HOLD_S,
@@ -46,6 +47,7 @@ from fbjax.routing.dispatch import (
 )
 from fbjax.routing.policy import NoHealthyReplica, ReplicaState, make_policy
 from fbjax.web.errors import OpenAIError
+from fbjax.web.limits import BodyLimitMiddleware, HttpLimits
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class RouterSettings:
     max_queue: int = 1024  # held requests beyond this get 429
     request_timeout_s: float = 600.0
     retry_after_s: int = 1
+    limits: HttpLimits = dataclasses.field(default_factory=HttpLimits)
 
 
 class RouterMetrics:
@@ -223,12 +226,16 @@ class Router:
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except ValueError as e:
-            raise OpenAIError(400, f"malformed JSON body: {e}", None, "invalid_json") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+            raise OpenAIError(400, f"malformed JSON body: {type(e).__name__}: {e}"[:300],
+                              None, "invalid_json") from None
         if not isinstance(body, dict):
             raise OpenAIError(400, "the body must be a JSON object", None, "invalid_json")
-        prompt_tokens = self.count_prompt_tokens(path, body)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        try:
+            prompt_tokens = self.count_prompt_tokens(path, body)
+        except Exception:  # noqa: BLE001 -- a body of the wrong shape is the replica's to refuse
+            prompt_tokens = 0
+        headers = _forwarded(request)
         for _ in range(len(self.urls)):
             index = await self.place(prompt_tokens)
             url = self.urls[index]
@@ -290,15 +297,23 @@ class Router:
         self.metrics.retries.labels(url).inc()
         self.finished(index)
 
-    async def get_from_any(self, path: str) -> Response:
+    async def get_from_any(self, path: str, request: Request) -> Response:
+        """``GET path`` from the first healthy replica, with the client's headers
+        (Authorization included: key-protected replicas need it)."""
+        headers = _forwarded(request)
         for index in (i for i, r in enumerate(self.replicas) if r.healthy):
             try:
-                reply = await self.client.get(self.urls[index] + path)
+                reply = await self.client.get(self.urls[index] + path, headers=headers)
             except httpx.HTTPError:
                 continue
             return Response(reply.content, reply.status_code,
                             media_type=reply.headers.get("content-type"))
         raise OpenAIError(503, "no healthy replica", None, "no_replica")
+
+
+def _forwarded(request: Request) -> dict[str, str]:
+    """The client's end-to-end headers, for the replica (Authorization among them)."""
+    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
 
 
 def _passthrough(headers: httpx.Headers) -> dict[str, str]:
@@ -314,10 +329,25 @@ def build_router_app(router: Router) -> FastAPI:
         await router.stop()
 
     app = FastAPI(title="fbjax router", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=router.settings.limits.max_body_bytes,
+                       on_reject=lambda status: router.metrics.rejected.labels(str(status)).inc())
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        router.metrics.rejected.labels(str(exc.status_code)).inc()
+        return await _openai_error(request, OpenAIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        router.metrics.rejected.labels("500").inc()
+        return await _openai_error(request, OpenAIError(
+            500, f"internal router error: {type(exc).__name__}", None, "internal_error"))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -328,8 +358,8 @@ def build_router_app(router: Router) -> FastAPI:
         return await router.forward("/v1/chat/completions", request)
 
     @app.get("/v1/models")
-    async def models():
-        return await router.get_from_any("/v1/models")
+    async def models(request: Request):
+        return await router.get_from_any("/v1/models", request)
 
     @app.get("/health")
     async def health():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Hashable, Sequence
 
 
@@ -27,9 +28,51 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
+# Bounds every request field must respect, so that a step compiled for int32/float32
+# rows can hold it and the scheduler's arithmetic stays finite. Checked here, once, for
+# LLMEngine and the server alike (the server maps the error to a 400 naming ``param``).
+MIN_SLO_S = 1e-3  # a deadline shorter than any step is no deadline (and 0 divides)
+MAX_SLO_S = 7 * 24 * 3600.0
+SEED_RANGE = 2**32
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as given; the message says which field and why, and
+    ``param`` names the field (OpenAI's error ``param``) where one is to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def check_slo(param: str, value: float | None, unit_s: float = 1.0) -> None:
+    """A per-request SLO of ``value`` units of ``unit_s`` seconds (1e-3: milliseconds)
+    is a finite number between 1 ms and 7 days."""
+    if value is None:
+        return
+    unit = "ms" if unit_s == 1e-3 else "s"
+    lo, hi = MIN_SLO_S / unit_s, MAX_SLO_S / unit_s
+    if not _is_real(value) or not lo <= value <= hi:
+        raise InvalidRequestError(f"{param} must be a number between {lo:g} and {hi:g} "
+                                  f"{unit} (1 ms to 7 days), got {value!r}", param)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling; ``temperature == 0`` is greedy, ``top_k <= 0`` disables top-k."""
+    """Per-request sampling; ``temperature == 0`` is greedy, ``top_k <= 0`` disables top-k.
+
+    Values are checked at construction (types strictly: ``True`` is not a token count);
+    what depends on the model (``top_k`` and ``stop_token_ids`` against the vocabulary)
+    is checked by ``LLMEngine.encode_and_validate``."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -43,18 +86,28 @@ class SamplingParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequestError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}",
+                "temperature")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if not _is_int(self.top_k):
+            raise InvalidRequestError(f"top_k must be an integer, got {self.top_k!r}", "top_k")
+        if self.seed is not None and (not _is_int(self.seed)
+                                      or not 0 <= self.seed < SEED_RANGE):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2**32), got "
+                                      f"{self.seed!r}", "seed")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings", "stop")
+        if any(not _is_int(t) for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be integers", "stop_token_ids")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be a boolean, got "
+                                      f"{self.ignore_eos!r}", "ignore_eos")
 
 
 class Request:

@@ -22,6 +22,7 @@ routes); the handlers are in :mod:`fbjax.serve.routes`, the shared state in
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ from fbjax.serve.state import (
     state_of,
 )
 from fbjax.web.errors import OpenAIError
+from fbjax.web.limits import BodyLimitMiddleware
 
 # What other modules import from here.
 __all__ = ["ServerSettings", "ServerState", "build_app", "load_snapshot"]
@@ -58,9 +60,13 @@ def build_app(state: ServerState) -> FastAPI:
     if state.settings.api_key is not None:
         app.add_middleware(_ApiKeyMiddleware, api_key=state.settings.api_key,
                            metrics=state.metrics)
+    # Added last, so it runs first: an oversized body is refused before anything reads it.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.limits.max_body_bytes,
+                       on_reject=lambda status: state.metrics.rejected.labels(str(status)).inc())
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
     for router in ROUTERS:
         app.include_router(router)
     return app
@@ -101,8 +107,25 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (unknown route 404, wrong method 405) as OpenAI errors."""
+    """Starlette's own errors (unknown route 404, wrong method 405, a body over the
+    limit 413) as OpenAI errors."""
     return await _openai_error(request, OpenAIError(exc.status_code, str(exc.detail)))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug is a 500 in OpenAI's format, counted, with the traceback in the log."""
+    log.error("internal error on %s %s", request.method, request.url.path,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return await _openai_error(request, OpenAIError(500, f"internal server error: "
+                                                         f"{type(exc).__name__}", None,
+                                                    "internal_error"))
+
+
+def bearer_token_matches(authorization: bytes | None, api_key: bytes) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <api_key>``: the scheme in
+    any case (RFC 7235), the key compared in constant time."""
+    scheme, _, token = (authorization or b"").strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
 class _ApiKeyMiddleware:
@@ -111,13 +134,13 @@ class _ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str, metrics: ServerMetrics) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.api_key = api_key.encode()
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             headers = dict(scope.get("headers") or [])
-            if headers.get(b"authorization") != self.expected:
+            if not bearer_token_matches(headers.get(b"authorization"), self.api_key):
                 self.metrics.rejected.labels("401").inc()
                 err = OpenAIError(401, "missing or wrong API key (send 'Authorization: "
                                   "Bearer <key>')", None, "invalid_api_key")

@@ -7,6 +7,14 @@ command queue (add, abort, call) and gets back, once per step, a batch of
 delivered with ``loop.call_soon_threadsafe``. The thread blocks on the command
 queue while the engine is idle and drains it between steps while busy, so an abort
 frees its request's KV pages before the next step runs.
+
+**Supervision.** A failed step fails the requests the engine had accepted (each client
+gets an error event) and the engine goes on; ``MAX_CONSECUTIVE_STEP_FAILURES`` in a row,
+an exception anywhere else in the thread, the thread's death or a stall (no loop
+iteration for ``stall_timeout_s`` while requests are in flight) make the engine *failed*:
+:attr:`EngineLoop.failure` says why, every waiting client gets an error event and every
+pending :meth:`add` / :meth:`call` an :class:`EngineFailedError` at once, new work is
+refused (the server answers 503 and ``/health`` turns 503), and shutdown still exits.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ from fbjax.sched.request import SamplingParams
 from fbjax.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class EngineFailedError(RuntimeError):
+    """The engine thread can serve no more; the message says why."""
 
 
 @dataclasses.dataclass
@@ -50,13 +64,25 @@ class Event:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None, *,
+                 stall_timeout_s: float = 120.0) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.stall_timeout_s = stall_timeout_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._watchdog: asyncio.Task | None = None
+        # Set once, on the event loop, when the engine can serve no more.
+        self.failure: str | None = None
+        # Engine thread: when it last went round its loop (read by the watchdog), the
+        # requests it accepted and has not answered, failed steps in a row.
+        self._heartbeat = time.monotonic()
+        self._accepted: set[str] = set()
+        self._step_failures = 0
+        # Event-loop side: futures of add/call commands the engine has not answered.
+        self._pending: set[asyncio.Future] = set()
         # Event-loop side only: where each request's events go, and which requests
         # are accepted but have not produced a token yet (the queue --max_queue caps).
         self._routes: dict[str, Callable[[Event], None]] = {}
@@ -65,14 +91,55 @@ class EngineLoop:
     # ----- event-loop side -----------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="fbjax-engine", daemon=True)
         self._thread.start()
+        self._watchdog = loop.create_task(self._watch())
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._commands.put(None)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the engine thread did not stop within %.0f s; leaving it", timeout)
+
+    def health(self) -> str | None:
+        """Why the engine cannot serve, or None while it can."""
+        if self.failure is not None:
+            return self.failure
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread is not running"
+        age = time.monotonic() - self._heartbeat
+        if self._routes and age > self.stall_timeout_s:
+            return (f"the engine has not stepped for {age:.0f} s with "
+                    f"{len(self._routes)} request(s) in flight")
+        return None
+
+    async def _watch(self, period_s: float = 0.5) -> None:
+        """Turn a dead or stalled engine thread into a failure that clients see."""
+        while self.failure is None:
+            await asyncio.sleep(period_s)
+            reason = self.health()
+            if reason is not None:
+                self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        """The engine can serve no more: answer everyone waiting, refuse what comes."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("engine failed: %s; failing %d request(s) in flight", reason,
+                  len(self._routes))
+        routes, self._routes = self._routes, {}
+        self._unstarted.clear()
+        for rid, route in routes.items():
+            route(Event(rid, [], None, f"engine failed: {reason}"))
+        pending, self._pending = self._pending, set()
+        for fut in pending:
+            self._resolve(fut, None, EngineFailedError(reason))
 
     @property
     def num_queued(self) -> int:
@@ -89,7 +156,9 @@ class EngineLoop:
     async def add(self, submission: Submission, on_event: Callable[[Event], None]) -> None:
         """Queue a request; returns once the engine accepted it, or raises its
         InvalidRequestError. ``on_event`` is called on the event loop with each Event."""
-        fut = asyncio.get_running_loop().create_future()
+        if self.failure is not None:
+            raise EngineFailedError(self.failure)
+        fut = self._future()
         rid = submission.request_id
         self._routes[rid] = on_event
         self._unstarted.add(rid)
@@ -113,9 +182,17 @@ class EngineLoop:
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run ``fn(engine)`` on the engine thread between steps; its result."""
-        fut = asyncio.get_running_loop().create_future()
+        if self.failure is not None:
+            raise EngineFailedError(self.failure)
+        fut = self._future()
         self._commands.put(("call", fn, fut))
         return await fut
+
+    def _future(self) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        return fut
 
     def _dispatch(self, events: list[Event]) -> None:
         for ev in events:
@@ -144,14 +221,23 @@ class EngineLoop:
             pass
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 -- whatever it was, clients must hear
+            log.exception("the engine thread died")
+            self._post(self._fail, f"the engine thread died: {e!r}")
+
+    def _serve(self) -> None:
         engine = self.engine
         while not self._stopping:
+            self._heartbeat = time.monotonic()
             events: list[Event] = []
             busy = engine.has_unfinished_requests()
             try:
                 command = self._commands.get_nowait() if busy else self._commands.get()
             except queue.Empty:
                 command = ()
+            self._heartbeat = time.monotonic()
             while command != ():
                 if command is None:
                     return
@@ -179,10 +265,12 @@ class EngineLoop:
             except Exception as e:  # InvalidRequestError, mostly; the caller maps it
                 self._post(self._resolve, fut, None, e)
             else:
+                self._accepted.add(sub.request_id)
                 self._post(self._resolve, fut)
         elif kind == "abort":
             rid = command[1]
             if self.engine.abort_request(rid):
+                self._accepted.discard(rid)
                 final = self.engine.pop_finished(rid)
                 if self.metrics is not None:
                     self.metrics.observe_finished(final)
@@ -201,22 +289,37 @@ class EngineLoop:
         start = time.perf_counter()
         try:
             outputs = engine.step()
-        except Exception as e:  # an engine bug: fail what is in flight, keep serving
-            log.exception("engine step failed; aborting every request in flight")
-            for rid in list(engine.scheduler.requests):
-                if engine.abort_request(rid):
-                    engine.pop_finished(rid)
-                events.append(Event(rid, [], None, f"engine step failed: {e}"))
+        except Exception as e:  # an engine bug: fail what it had accepted, keep serving
+            self._step_failed(e, events)
             return
+        self._step_failures = 0
         duration = time.perf_counter() - start
         if self.metrics is not None and engine.last_plan is not None:
             self.metrics.observe_step(engine.last_plan, duration,
                                       engine.scheduler.num_preemptions)
         for out in outputs:
             final = engine.pop_finished(out.request_id) if out.finished else None
-            if final is not None and self.metrics is not None:
-                self.metrics.observe_finished(final)
+            if final is not None:
+                self._accepted.discard(out.request_id)
+                if self.metrics is not None:
+                    self.metrics.observe_finished(final)
             events.append(Event(out.request_id, out.new_token_ids, final))
+
+    def _step_failed(self, error: Exception, events: list[Event]) -> None:
+        """Fail every request the engine accepted and has not answered: those still
+        scheduled are aborted (their pages freed), and those a partial step already
+        finished get their error too. Several failures in a row: the engine is broken."""
+        self._step_failures += 1
+        log.exception("engine step failed (%d in a row); failing %d request(s)",
+                      self._step_failures, len(self._accepted))
+        for rid in sorted(self._accepted):
+            if self.engine.abort_request(rid):
+                self.engine.pop_finished(rid)
+            events.append(Event(rid, [], None, f"engine step failed: {error}"))
+        self._accepted.clear()
+        if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineFailedError(f"{self._step_failures} engine steps failed in a row; "
+                                    f"the last: {error!r}") from error
 
     def _observe_state(self) -> None:
         if self.metrics is not None:

@@ -11,12 +11,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fbjax.engine.engine import InvalidRequestError
-from fbjax.serve.engine_loop import Event, Submission
+from fbjax.sched.request import InvalidRequestError
+from fbjax.serve.engine_loop import EngineFailedError, Event, Submission
 from fbjax.serve.protocol import usage
 from fbjax.serve.state import ServerState
 from fbjax.serve.text import IncrementalText
+from fbjax.serve.validation import engine_failed
 from fbjax.web.errors import OpenAIError
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request (a failed step, or the engine itself failed)."""
 
 
 class Generation:
@@ -47,7 +52,10 @@ class Generation:
                 self._added.append(sub.request_id)
         except InvalidRequestError as e:
             self.abort()
-            raise OpenAIError(400, str(e)) from None
+            raise OpenAIError(400, str(e), e.param) from None
+        except EngineFailedError as e:
+            self.abort()
+            raise engine_failed(e) from None
         except BaseException:
             self.abort()
             raise
@@ -68,7 +76,7 @@ class Generation:
             i, ev = await self._events.get()
             if ev.error is not None:
                 self.finish_reasons[i] = "error"
-                raise RuntimeError(ev.error)
+                raise EngineRequestError(ev.error)
             text = self.texts[i]
             if ev.final is None:
                 delta = text.add(ev.new_token_ids)

@@ -26,8 +26,10 @@ MAX_STOP = 16  # stop strings per request
 
 
 class _Strict(BaseModel):
-    # NaN and infinities are not numbers a client means; refuse them at parse time.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Types as OpenAI's API has them: "10" or true is not a token count, 1.5 is not n
+    # (strict mode; an integer still stands for a float). NaN and infinities are not
+    # numbers a client means; refuse them at parse time.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Strict):

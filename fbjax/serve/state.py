@@ -21,6 +21,7 @@ from fbjax.engine.engine import LLMEngine
 from fbjax.model.chat_template import ChatTemplate
 from fbjax.serve.engine_loop import EngineLoop
 from fbjax.serve.metrics import ServerMetrics
+from fbjax.web.limits import HttpLimits
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class ServerSettings:
     slo_tpot_ms: float | None = None
     shutdown_grace_s: float = 10.0  # on SIGTERM, in-flight requests get this long
     retry_after_s: int = 1
+    limits: HttpLimits = dataclasses.field(default_factory=HttpLimits)
+    engine_stall_timeout_s: float = 120.0  # no engine step this long with work: failed
 
 
 class ServerState:
@@ -48,7 +51,8 @@ class ServerState:
         self.chat_template = chat_template or ChatTemplate.for_model(engine.config.model)
         self.metrics = ServerMetrics(engine.scheduler.name, settings.model_name,
                                      engine.kv.num_pages)
-        self.loop = EngineLoop(engine, self.metrics)
+        self.loop = EngineLoop(engine, self.metrics,
+                               stall_timeout_s=settings.engine_stall_timeout_s)
         self.draining = False
         self.address: str | None = None  # where the server listens, for the start-up log
 
@@ -97,12 +101,21 @@ StateDep = Annotated[ServerState, Depends(server_state)]
 def load_snapshot(engine: LLMEngine) -> dict[str, Any]:
     """The engine's load as ``GET /load`` and the Ray Serve routing stats report it: queue
     and KV counts, and the scheduler's load estimate where it has one (FairBatching).
-    Run it on the engine thread (``EngineLoop.call``)."""
+    Run it on the engine thread (``EngineLoop.call``). It never raises on engine state:
+    an estimate that cannot be computed is reported as null with the reason, so a router
+    falls back to the counts instead of taking the replica out."""
     sched = engine.scheduler
     estimate = getattr(sched, "load_estimate", None)
-    return {"scheduler": sched.name,
-            "num_running": sched.num_running, "num_waiting": sched.num_waiting,
-            "kv_free_pages": engine.kv.num_free_pages, "kv_total_pages": engine.kv.num_pages,
-            "kv_usage": engine.kv.usage(),
-            "prefix_cache_hit_rate": sched.prefix_cache_hit_rate(),
-            "load_estimate": estimate(time.monotonic()) if callable(estimate) else None}
+    out: dict[str, Any] = {
+        "scheduler": sched.name,
+        "num_running": sched.num_running, "num_waiting": sched.num_waiting,
+        "kv_free_pages": engine.kv.num_free_pages, "kv_total_pages": engine.kv.num_pages,
+        "kv_usage": engine.kv.usage(), "prefix_cache_hit_rate": sched.prefix_cache_hit_rate(),
+        "load_estimate": None}
+    if callable(estimate):
+        try:
+            out["load_estimate"] = estimate(time.monotonic())
+        except Exception as e:  # noqa: BLE001 -- report it, do not fail the probe
+            log.exception("load estimate failed")
+            out["load_estimate_error"] = repr(e)
+    return out

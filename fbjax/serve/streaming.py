@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from fbjax.serve.generation import Generation
+from fbjax.serve.generation import EngineRequestError, Generation
 from fbjax.serve.responses import ResponseBodies
 from fbjax.web.errors import OpenAIError
 
@@ -36,6 +36,8 @@ async def respond(request: Request, gen: Generation, stream: bool,
     try:
         async for _ in until_disconnect(request, gen.deltas()):
             pass
+    except EngineRequestError as e:
+        raise OpenAIError(500, str(e), None, "engine_error") from None
     finally:
         gen.abort()
     if not gen.done:  # the client left
@@ -53,7 +55,7 @@ async def _sse(gen: Generation, bodies: ResponseBodies) -> AsyncIterator[str]:
             yield event(bodies.chunk(i, delta, reason))
         if bodies.include_usage:
             yield event(bodies.usage_chunk())
-    except RuntimeError as e:  # the engine failed this request
+    except EngineRequestError as e:
         yield event(OpenAIError(500, str(e), None, "engine_error").body())
     finally:
         gen.abort()

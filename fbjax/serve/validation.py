@@ -4,6 +4,7 @@ long, 429 queue full, 503 draining), so that no bad request costs engine time.""
 
 from __future__ import annotations
 
+from fbjax.sched.request import InvalidRequestError, check_slo
 from fbjax.serve.protocol import MAX_N, MAX_STOP, ChatCompletionRequest, CompletionRequest
 from fbjax.serve.state import ServerState
 from fbjax.web.errors import OpenAIError
@@ -32,9 +33,10 @@ def check_sampling(body: GenerateRequest) -> None:
     if not 1 <= body.n <= MAX_N:
         raise OpenAIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", "n")
     for name in ("slo_ttft_ms", "slo_tpot_ms"):
-        value = getattr(body, name)
-        if value is not None and value <= 0:
-            raise OpenAIError(400, f"{name} must be > 0, got {value}", name)
+        try:
+            check_slo(name, getattr(body, name), unit_s=1e-3)
+        except InvalidRequestError as e:
+            raise OpenAIError(400, str(e), name) from None
     for field, why in body.unsupported():
         raise OpenAIError(400, why, field)
 
@@ -67,14 +69,37 @@ def fit_max_tokens(requested: int | None, prompt_len: int, context: int, param: 
     return requested
 
 
+def engine_failed(reason: object) -> OpenAIError:
+    return OpenAIError(503, f"the engine cannot serve: {reason}", None, "engine_failed")
+
+
+def check_engine(state: ServerState) -> None:
+    """503 once the engine thread has failed, died or stalled."""
+    reason = state.loop.health()
+    if reason is not None:
+        raise engine_failed(reason)
+
+
 def check_draining(state: ServerState) -> None:
+    """503 while the server drains for shutdown or its engine has failed."""
     if state.draining:
         raise OpenAIError(503, "the server is shutting down", None, "shutting_down")
+    check_engine(state)
+
+
+def check_fits(state: ServerState, num_choices: int) -> None:
+    """A request with more choices (prompts x n) than the queue can ever hold is a 400
+    naming the limit: a 429 would have the client retry something that cannot succeed."""
+    limit = state.settings.max_queue
+    if num_choices > limit:
+        raise OpenAIError(400, f"this request asks for {num_choices} completions (prompts "
+                          f"x n) but the server queues at most {limit} (--max_queue); send "
+                          "fewer prompts or a smaller n", "prompt", "too_many_completions")
 
 
 def admit(state: ServerState, num_choices: int) -> None:
     """Refuse new work while draining, or when it would overfill the queue of requests
-    still waiting for a first token (``--max_queue``)."""
+    still waiting for a first token (``--max_queue``; 429, try again later)."""
     check_draining(state)
     queued, limit = state.loop.num_queued, state.settings.max_queue
     if queued + num_choices > limit:

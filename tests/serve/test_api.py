@@ -166,7 +166,7 @@ def test_models_health_load(http):
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
-    ({"prompt": [999]}, 400, None),
+    ({"prompt": [999]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x", "slo_ttft_ms": -5}, 400, "slo_ttft_ms"),
 ])

@@ -9,9 +9,10 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fbjax.serve.engine_loop import EngineFailedError
 from fbjax.serve.protocol import model_card
 from fbjax.serve.state import StateDep, load_snapshot
-from fbjax.serve.validation import check_draining, check_model
+from fbjax.serve.validation import check_draining, check_engine, check_model, engine_failed
 
 router = APIRouter()
 
@@ -40,8 +41,13 @@ async def metrics(state: StateDep) -> Response:
 
 @router.get("/load", response_model=None)
 async def load(state: StateDep) -> dict[str, Any]:
-    """The engine's load (read on its thread) with the server's queue and drain state."""
-    out = await state.loop.call(load_snapshot)
+    """The engine's load (read on its thread) with the server's queue and drain state;
+    503 once the engine has failed (a router then takes the replica out)."""
+    check_engine(state)
+    try:
+        out = await state.loop.call(load_snapshot)
+    except EngineFailedError as e:
+        raise engine_failed(e) from None
     out.update(num_queued=state.loop.num_queued, max_queue=state.settings.max_queue,
                draining=state.draining)
     return out

@@ -20,8 +20,7 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 
-from fbjax.engine.engine import InvalidRequestError
-from fbjax.sched.request import SamplingParams
+from fbjax.sched.request import InvalidRequestError, SamplingParams
 from fbjax.serve.engine_loop import Submission
 from fbjax.serve.generation import Generation
 from fbjax.serve.protocol import ChatCompletionRequest, CompletionRequest, new_id
@@ -31,6 +30,7 @@ from fbjax.serve.streaming import respond
 from fbjax.serve.validation import (
     GenerateRequest,
     admit,
+    check_fits,
     check_model,
     check_sampling,
     fit_max_tokens,
@@ -39,6 +39,8 @@ from fbjax.serve.validation import (
 from fbjax.web.errors import OpenAIError
 
 R = TypeVar("R", CompletionRequest, ChatCompletionRequest)
+# The engine's names for fields the API names otherwise.
+_SERVER_PARAMS = {"ttft_slo": "slo_ttft_ms", "tpot_slo": "slo_tpot_ms"}
 
 
 @dataclasses.dataclass
@@ -64,6 +66,7 @@ async def generate(request: Request, state: ServerState, body: R,
     check_sampling(body)
     stop = stop_strings(body.stop)
     spec = prompts(state, body)
+    check_fits(state, len(spec.token_ids) * body.n)
     subs = submissions(state, body, spec, stop, arrival)
     admit(state, len(subs))
     gen = Generation(state, subs, stop, spec.num_tokens)
@@ -73,7 +76,12 @@ async def generate(request: Request, state: ServerState, body: R,
 
 def encode(state: ServerState, prompt: str | list[int], param: str) -> list[int]:
     """A prompt's token ids (text is tokenized, ids pass as they are); never empty."""
-    ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):
+        try:
+            return state.engine.encode_prompt(prompt, param)
+        except InvalidRequestError as e:
+            raise OpenAIError(400, str(e), e.param) from None
+    ids = list(prompt)
     if not ids:
         raise OpenAIError(400, f"{param} is empty", param)
     return ids
@@ -98,8 +106,8 @@ def submissions(state: ServerState, body: GenerateRequest, prompts: Prompts,
                                           top_k=max(body.top_k, 0), seed=seed, stop=stop,
                                           ignore_eos=body.ignore_eos)
                 state.engine.encode_and_validate(ids, sampling)
-            except (InvalidRequestError, ValueError) as e:
-                raise OpenAIError(400, str(e)) from None
+            except InvalidRequestError as e:
+                raise OpenAIError(400, str(e), _SERVER_PARAMS.get(e.param, e.param)) from None
             subs.append(Submission(new_id("req"), ids, sampling, arrival,
                                    None if ttft is None else ttft / 1000.0,
                                    None if tpot is None else tpot / 1000.0))
