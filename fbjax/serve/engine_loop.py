@@ -102,7 +102,9 @@ class EngineLoop:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._thread is not None:
-            self._thread.join(timeout)
+            # A failed engine's thread may be stuck for good: do not wait on it long (it
+            # is a daemon thread, so the process still exits).
+            self._thread.join(min(timeout, 1.0) if self.failure else timeout)
             if self._thread.is_alive():
                 log.warning("the engine thread did not stop within %.0f s; leaving it", timeout)
 
@@ -136,6 +138,7 @@ class EngineLoop:
         routes, self._routes = self._routes, {}
         self._unstarted.clear()
         for rid, route in routes.items():
+            self._count_failed()
             route(Event(rid, [], None, f"engine failed: {reason}"))
         pending, self._pending = self._pending, set()
         for fut in pending:
@@ -315,11 +318,16 @@ class EngineLoop:
         for rid in sorted(self._accepted):
             if self.engine.abort_request(rid):
                 self.engine.pop_finished(rid)
+            self._count_failed()
             events.append(Event(rid, [], None, f"engine step failed: {error}"))
         self._accepted.clear()
         if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise EngineFailedError(f"{self._step_failures} engine steps failed in a row; "
                                     f"the last: {error!r}") from error
+
+    def _count_failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels("error").inc()
 
     def _observe_state(self) -> None:
         if self.metrics is not None:

@@ -20,12 +20,13 @@ API_KEY = "test-key"
 
 
 class ServerProcess:
-    def __init__(self, *args: str, scheduler: str = "sarathi") -> None:
+    def __init__(self, *args: str, scheduler: str = "sarathi", module: str = "fbjax.serve",
+                 env: dict[str, str] | None = None) -> None:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="fbjax-serve-", suffix=".log",
                                                 delete=False)
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fbjax.serve", "--port", "0", "--scheduler", scheduler,
+            [sys.executable, "-m", module, "--port", "0", "--scheduler", scheduler,
              *SMALL, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_ready()
