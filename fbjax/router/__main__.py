@@ -7,6 +7,7 @@ Admission Budget from each replica's /load), ``least_requests`` or ``round_robin
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import uvicorn
@@ -59,9 +60,14 @@ def main(argv: list[str]) -> int:
     logging.info("routing with %s over %d replicas: %s", FLAGS.policy, len(FLAGS.replica),
                  " ".join(FLAGS.replica))
     logging.info("listening on http://%s:%d", host, port)
-    uvicorn.Server(uvicorn.Config(build_router_app(router), log_level="warning",
-                                  lifespan="on", **settings.limits.uvicorn_kwargs()),
-                   ).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(build_router_app(router), log_level="warning",
+                                           lifespan="on", **settings.limits.uvicorn_kwargs()))
+    # uvicorn re-raises the signal that stopped it once it is done; make that a no-op so
+    # a graceful stop exits 0 through main's return.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    logging.info("router stopped")
     return 0
 
 

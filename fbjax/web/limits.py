@@ -123,7 +123,10 @@ class BodyLimitMiddleware:
         if self.on_reject is not None:
             self.on_reject(413)
         err = OpenAIError(413, self._message(), None, "request_too_large")
-        return JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})
+        # No "Connection: close": uvicorn then discards the rest of the body as it
+        # arrives (nothing is buffered) and the client, still uploading, reads a clean
+        # 413 instead of a connection reset.
+        return JSONResponse(err.body(), status_code=413)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
