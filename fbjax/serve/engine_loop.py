@@ -76,9 +76,10 @@ class EngineLoop:
         self._watchdog: asyncio.Task | None = None
         # Set once, on the event loop, when the engine can serve no more.
         self.failure: str | None = None
-        # Engine thread: when it last went round its loop (read by the watchdog), the
-        # requests it accepted and has not answered, failed steps in a row.
-        self._heartbeat = time.monotonic()
+        # Engine thread: when its current busy iteration began (None while it waits
+        # idle for commands; read by the watchdog), the requests it accepted and has not
+        # answered, failed steps in a row.
+        self._busy_since: float | None = None
         self._accepted: set[str] = set()
         self._step_failures = 0
         # Event-loop side: futures of add/call commands the engine has not answered.
@@ -91,7 +92,6 @@ class EngineLoop:
     # ----- event-loop side -----------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="fbjax-engine", daemon=True)
         self._thread.start()
         self._watchdog = loop.create_task(self._watch())
@@ -114,7 +114,8 @@ class EngineLoop:
             return self.failure
         if self._thread is not None and not self._thread.is_alive() and not self._stopping:
             return "the engine thread is not running"
-        age = time.monotonic() - self._heartbeat
+        busy_since = self._busy_since  # one read: the engine thread writes it
+        age = 0.0 if busy_since is None else time.monotonic() - busy_since
         if self._routes and age > self.stall_timeout_s:
             return (f"the engine has not stepped for {age:.0f} s with "
                     f"{len(self._routes)} request(s) in flight")
@@ -233,14 +234,15 @@ class EngineLoop:
     def _serve(self) -> None:
         engine = self.engine
         while not self._stopping:
-            self._heartbeat = time.monotonic()
             events: list[Event] = []
             busy = engine.has_unfinished_requests()
+            # Waiting idle for a command is not a stall; one iteration that runs too long is.
+            self._busy_since = time.monotonic() if busy else None
             try:
                 command = self._commands.get_nowait() if busy else self._commands.get()
             except queue.Empty:
                 command = ()
-            self._heartbeat = time.monotonic()
+            self._busy_since = time.monotonic()
             while command != ():
                 if command is None:
                     return

@@ -306,6 +306,18 @@ def faulty(tmp_path):
 LONG = {"prompt": "tell me more", "max_tokens": 200, "ignore_eos": True}
 
 
+def test_an_idle_engine_is_not_a_stalled_one(faulty):
+    """Idle for longer than the stall timeout, then a burst: every request is served."""
+    time.sleep(4)
+    threads = [in_background(lambda i=i: post(faulty, {"prompt": f"burst {i}",
+                                                         "max_tokens": 3}, key=None))
+               for i in range(8)]
+    for thread, result in threads:
+        thread.join(60)
+        assert result and result[0].status_code == 200, result and result[0].text
+    assert httpx.get(faulty.url + "/health", timeout=5).status_code == 200
+
+
 def test_a_failed_step_answers_every_request_and_the_engine_goes_on(faulty):
     threads = [in_background(stream, faulty.url, LONG, None) for _ in range(3)]
     time.sleep(1.0)
