@@ -6,8 +6,8 @@ from absl import flags
 
 from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 
-flags.DEFINE_string("model", None, "Local Hugging Face model directory; omit for the built-in "
-                    "model.")
+flags.DEFINE_string("model", None, "Local Hugging Face model directory or .gguf file; omit "
+                    "for the built-in model.")
 flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, fairbatching.")
 flags.DEFINE_string("profile", None, "Latency profile (a path, or a name among the known "
                     "profiles); fairbatching defaults to <device>-<model>.json.")

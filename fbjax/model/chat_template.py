@@ -1,8 +1,9 @@
 """A model's chat template: chat messages to one prompt string.
 
 A Hugging Face model directory's own Jinja template
-(``chat_template`` in ``tokenizer_config.json`` or ``chat_template.jinja``) renders
-chat messages, in a sandbox as ``transformers`` does. The built-in model (and an HF
+(``chat_template`` in ``tokenizer_config.json`` or ``chat_template.jinja``), or a GGUF
+file's ``tokenizer.chat_template``, renders chat messages, in a sandbox as
+``transformers`` does. The built-in model (and an HF
 model without a template) uses :data:`SIMPLE_CHAT_TEMPLATE`::
 
     <|system|>
@@ -21,6 +22,8 @@ import json
 import logging
 from pathlib import Path
 
+from fbjax.model.gguf import is_gguf_file
+from fbjax.model.gguf_tokenizer import gguf_chat_template
 from fbjax.model.tokenizer import special_token_from_config
 
 log = logging.getLogger(__name__)
@@ -51,20 +54,26 @@ class ChatTemplate:
 
     @classmethod
     def for_model(cls, model_dir: str | None, override: str | None = None) -> ChatTemplate:
-        """``override`` (a template file), else the model directory's template, else the
-        simple documented one."""
-        bos = eos = ""
-        if model_dir is not None:
+        """``override`` (a template file), else the model's template (an HF directory's,
+        or a GGUF file's ``tokenizer.chat_template``), else the simple documented one."""
+        source, bos, eos, where = None, "", "", ""
+        if model_dir is not None and is_gguf_file(model_dir):
+            source, bos, eos = gguf_chat_template(model_dir)
+            where = "its GGUF metadata (tokenizer.chat_template)"
+        elif model_dir is not None:
             d = Path(model_dir)
             bos = special_token_from_config(d, "bos_token") or ""
             eos = special_token_from_config(d, "eos_token") or ""
+            if override is None:
+                source = _model_template(d)
+            where = "chat_template.jinja or tokenizer_config.json"
         if override is not None:
             return cls(Path(override).read_text(), bos, eos, name=str(override))
+        if source is not None:
+            return cls(source, bos, eos, name=f"{model_dir} chat template")
         if model_dir is not None:
-            source = _model_template(Path(model_dir))
-            if source is not None:
-                return cls(source, bos, eos, name=f"{model_dir} chat template")
-            log.warning("%s has no chat template; using the simple one", model_dir)
+            log.warning("%s: no chat template in %s; using the simple one (pass a template "
+                        "file to override)", model_dir, where)
         return cls(SIMPLE_CHAT_TEMPLATE, bos, eos)
 
     def render(self, messages: list[dict[str, str]]) -> str:

@@ -1,5 +1,9 @@
 """Rotary position embeddings, including Llama 3 and linear frequency scaling.
 
+``freq_factors`` scaling divides each frequency by its own factor: how llama.cpp's GGUF
+files store Llama 3's scaling (the ``rope_freqs.weight`` tensor), which gives the same
+frequencies as ``llama3`` without stating its parameters.
+
 Frequencies are computed once in numpy float32 (as Hugging Face does) and folded into
 the compiled step as constants; only ``positions * inv_freq`` is computed per step.
 """
@@ -31,8 +35,14 @@ def inverse_frequencies(
         return (inv_freq / float(scaling["factor"])).astype(np.float32)
     if kind == "llama3":
         return _llama3_scaling(inv_freq, scaling)
+    if kind == "freq_factors":
+        factors = np.asarray(scaling["factors"], np.float32)
+        if factors.shape != inv_freq.shape:
+            raise ConfigError(f"rope_scaling freq_factors: {factors.shape[0]} factors for "
+                              f"{inv_freq.shape[0]} frequencies")
+        return (inv_freq / factors).astype(np.float32)
     raise ConfigError(f"rope_scaling type {kind!r} is not supported "
-                      "(supported: default, linear, llama3)")
+                      "(supported: default, linear, llama3, freq_factors)")
 
 
 def _llama3_scaling(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:

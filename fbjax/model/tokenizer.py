@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from fbjax.config import ConfigError
 
@@ -72,7 +72,8 @@ class HFTokenizer:
     The post-processor in ``tokenizer.json`` decides whether BOS is added on encode (as
     ``transformers`` would); ``decode`` skips special tokens. ``eos_token_ids`` and
     ``bos_token_id`` come from the model config (the tokenizer file does not say which
-    special token ends a turn), so the caller passes them in.
+    special token ends a turn), so the caller passes them in. :meth:`wrap` takes a
+    tokenizer built in memory instead (from a GGUF file's metadata).
     """
 
     def __init__(
@@ -90,13 +91,26 @@ class HFTokenizer:
             raise ConfigError(f"tokenizer file not found: {path} (an HF model directory "
                               "needs a tokenizer.json)")
         try:
-            self._tok = _RustTokenizer.from_file(str(path))
+            tok = _RustTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises a bare Exception
             raise ConfigError(f"{path}: cannot load tokenizer: {e}") from None
+        self._init(tok, path, eos_token_ids, bos_token_id)
+
+    def _init(self, tok: Any, path: Path, eos_token_ids: Sequence[int],
+              bos_token_id: int | None) -> None:
+        self._tok = tok
         self.path = path
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.bos_token_id = bos_token_id
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def wrap(cls, tok: Any, source: str | Path, eos_token_ids: Sequence[int] = (),
+             bos_token_id: int | None = None) -> HFTokenizer:
+        """An in-memory ``tokenizers.Tokenizer``; ``source`` names where it came from."""
+        self = cls.__new__(cls)
+        self._init(tok, Path(source), eos_token_ids, bos_token_id)
+        return self
 
     @classmethod
     def from_dir(

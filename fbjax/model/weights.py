@@ -15,7 +15,8 @@
 * :func:`save_params` / :func:`restore_params` use orbax, so converted (or sharded)
   params can be reloaded without going through safetensors again.
 * :func:`load_model` is what the engine calls: ``None`` gives the built-in tiny model
-  with seeded random weights and a byte tokenizer, a directory gives an HF model.
+  with seeded random weights and a byte tokenizer, a directory gives an HF model, a
+  ``.gguf`` file a llama.cpp model (:mod:`fbjax.model.gguf`).
 
 Nothing here downloads anything: a model is a local directory or nothing.
 """
@@ -29,8 +30,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbjax.config import ConfigError, ModelConfig, read_json
+from fbjax.model.gguf import (
+    TensorFetch,
+    is_gguf_file,
+    load_gguf_config,
+    load_gguf_params,
+    open_gguf,
+)
 from fbjax.model.llama import AttentionMetadata, LlamaForCausalLM
 from fbjax.model.rope import inverse_frequencies
 from fbjax.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -56,7 +65,7 @@ def _check_model_dir(model_dir: str | Path) -> Path:
         raise ConfigError(f"model path not found: {path}")
     if not path.is_dir():
         raise ConfigError(f"model path is not a directory: {path} (expected a local "
-                          "Hugging Face model directory with config.json)")
+                          "Hugging Face model directory with config.json, or a .gguf file)")
     return path
 
 
@@ -292,49 +301,65 @@ def _safetensors_index(model_dir: Path) -> tuple[dict[str, Path], str]:
     return files, ", ".join(s.name for s in shards)
 
 
+def assemble_params(config: ModelConfig, fetch: TensorFetch,
+                    dtype: Any = jnp.float32) -> Params:
+    """The linen param tree of ``config``'s model, each tensor from ``fetch(hf_name,
+    hf_shape)`` (which returns it in the HF layout, shape checked).
+
+    Every weight format (safetensors, GGUF) goes through here, so the HF-name-to-tree
+    mapping and the transposes exist once: HF ``nn.Linear`` weights are ``[out, in]``,
+    Flax ``Dense`` kernels ``[in, out]``.
+    """
+    params: Params = {}
+    for hf_name, tree_path, shape, transpose in _hf_tensor_map(config):
+        array = fetch(hf_name, shape)
+        if transpose:
+            array = array.T
+        node = params
+        for key in tree_path[:-1]:
+            node = node.setdefault(key, {})
+        node[tree_path[-1]] = jnp.asarray(array, dtype=dtype)
+    return params
+
+
 def load_hf_params(model_dir: str | Path, config: ModelConfig,
                    dtype: jnp.dtype = jnp.float32) -> Params:
     """The linen param tree of ``config``'s model from a directory of safetensors.
 
-    HF ``nn.Linear`` weights are ``[out, in]``; Flax ``Dense`` kernels are ``[in, out]``,
-    hence the transposes. Tensors the model does not use (e.g. ``lm_head.weight`` of a
-    tied model, rotary buffers of old exports) are ignored. Returns ``{"embed_tokens":
-    ..., "layers_0": ..., ...}``: pass it as ``model.apply({"params": params}, ...)``.
+    Tensors the model does not use (e.g. ``lm_head.weight`` of a tied model, rotary
+    buffers of old exports) are ignored. Returns ``{"embed_tokens": ..., "layers_0":
+    ..., ...}``: pass it as ``model.apply({"params": params}, ...)``.
     """
     from safetensors import safe_open
 
     model_dir = _check_model_dir(model_dir)
     files, where = _safetensors_index(model_dir)
     handles: dict[Path, Any] = {}
-    params: Params = {}
-    try:
-        for hf_name, tree_path, shape, transpose in _hf_tensor_map(config):
-            file = files.get(hf_name)
-            if file is None:
-                raise ConfigError(f"tensor {hf_name!r} not found in {model_dir} "
-                                  f"(looked in {where})")
-            if file not in handles:
-                try:
-                    handles[file] = safe_open(str(file), framework="np").__enter__()
-                except Exception as e:
-                    raise ConfigError(f"{file}: cannot read safetensors file: {e}") from None
+
+    def fetch(hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
+        file = files.get(hf_name)
+        if file is None:
+            raise ConfigError(f"tensor {hf_name!r} not found in {model_dir} "
+                              f"(looked in {where})")
+        if file not in handles:
             try:
-                array = handles[file].get_tensor(hf_name)
-            except Exception:
-                raise ConfigError(f"tensor {hf_name!r} not found in {file}") from None
-            if tuple(array.shape) != shape:
-                raise ConfigError(f"tensor {hf_name!r} in {file} has shape "
-                                  f"{tuple(array.shape)}, expected {shape} from config.json")
-            if transpose:
-                array = array.T
-            node = params
-            for key in tree_path[:-1]:
-                node = node.setdefault(key, {})
-            node[tree_path[-1]] = jnp.asarray(array, dtype=dtype)
+                handles[file] = safe_open(str(file), framework="np").__enter__()
+            except Exception as e:
+                raise ConfigError(f"{file}: cannot read safetensors file: {e}") from None
+        try:
+            array = handles[file].get_tensor(hf_name)
+        except Exception:
+            raise ConfigError(f"tensor {hf_name!r} not found in {file}") from None
+        if tuple(array.shape) != shape:
+            raise ConfigError(f"tensor {hf_name!r} in {file} has shape "
+                              f"{tuple(array.shape)}, expected {shape} from config.json")
+        return array
+
+    try:
+        return assemble_params(config, fetch, dtype)
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
-    return params
 
 
 # --------------------------------------------------------------------------- random init
@@ -426,10 +451,18 @@ class LoadedModel:
 
 def load_model(model: str | Path | None, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """``None``: the built-in tiny model (random weights, byte tokenizer); a path: a
-    local HF directory with config.json, *.safetensors and tokenizer.json."""
+    GGUF file (see :mod:`fbjax.model.gguf`) or a local HF directory with config.json,
+    *.safetensors and tokenizer.json."""
     if model is None:
         config = ModelConfig.from_json(BUILTIN_MODEL_CONFIG)
         return LoadedModel(config, init_random_params(config, dtype), ByteTokenizer())
+    if is_gguf_file(model):
+        from fbjax.model.gguf_tokenizer import gguf_tokenizer
+
+        gguf = open_gguf(model)
+        config = load_gguf_config(gguf)
+        return LoadedModel(config, load_gguf_params(gguf, config, dtype),
+                           gguf_tokenizer(gguf))
     model_dir = _check_model_dir(model)
     config = load_hf_config(model_dir)
     tokenizer = HFTokenizer.from_dir(model_dir, config.eos_token_ids, config.bos_token_id)
@@ -439,6 +472,6 @@ def load_model(model: str | Path | None, dtype: jnp.dtype = jnp.float32) -> Load
 
 
 __all__ = [
-    "LoadedModel", "dummy_inputs", "init_random_params", "load_hf_config", "load_hf_params",
-    "load_model", "restore_params", "save_params", "SUPPORTED_ARCHITECTURES",
+    "LoadedModel", "assemble_params", "dummy_inputs", "init_random_params", "load_hf_config",
+    "load_hf_params", "load_model", "restore_params", "save_params", "SUPPORTED_ARCHITECTURES",
 ]

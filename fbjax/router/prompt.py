@@ -12,14 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 from fbjax.model.chat_template import ChatTemplate
+from fbjax.model.gguf import is_gguf_file
+from fbjax.model.gguf_tokenizer import gguf_tokenizer
 from fbjax.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 
 def prompt_token_counter(model_dir: str | None,
                          chat_template: str | None = None) -> Callable[[str, dict[str, Any]], int]:
     """``count(path, body)``: prompt tokens of every choice the request asks for."""
-    tokenizer: Tokenizer = ByteTokenizer() if model_dir is None else HFTokenizer.from_dir(
-        model_dir)
+    tokenizer: Tokenizer
+    if model_dir is None:
+        tokenizer = ByteTokenizer()
+    elif is_gguf_file(model_dir):
+        tokenizer = gguf_tokenizer(model_dir)
+    else:
+        tokenizer = HFTokenizer.from_dir(model_dir)
     template = ChatTemplate.for_model(model_dir, chat_template)
 
     def one(prompt: Any) -> int:
