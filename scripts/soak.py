@@ -261,19 +261,34 @@ async def fault_phase(url: str, fault_file: Path, tally: Tally) -> None:
 
 
 def soak(target: str, rows: list[Tally]) -> list[str]:
-    """Run every phase against ``target``; the failed assertions."""
+    """Run every phase against ``target``; the failed assertions. Every process it
+    started is gone when it returns or raises."""
+    started: list[Process] = []
+    try:
+        return _soak(target, rows, started)
+    finally:
+        for proc in started:
+            if proc.proc.poll() is None:
+                proc.proc.kill()
+                proc.proc.wait()
+
+
+def _soak(target: str, rows: list[Tally], started: list[Process]) -> list[str]:
     failures: list[str] = []
     fault_file = Path(tempfile.mkdtemp()) / "fault"
     fault_file.write_text("")
     faulty = Process(server_args("tests.serve.faulty_server"),
                      env={"FBJAX_TEST_FAULT_FILE": str(fault_file)})
+    started.append(faulty)
     servers = [faulty]
     router = None
     if target == "router":
         servers.append(Process(server_args()))
+        started.append(servers[-1])
         router = Process(["-m", "fbjax.router", "--port", "0", "--header_timeout_s",
                           str(HEADER_TIMEOUT_S), "--max_body_bytes", "1000000",
                           *sum((["--replica", s.url] for s in servers), [])])
+        started.append(router)
     url = router.url if router else faulty.url
     rss_start = None
     for rnd in range(FLAGS.rounds):
