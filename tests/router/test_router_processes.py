@@ -9,7 +9,6 @@ the router noticed are retried there (counted in the router's /metrics).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from fbjax.router.server import REPLICA_HEADER
-from tests.serve.server import ServerProcess, metric
+from tests.serve.server import DONE, ServerProcess, metric, sse_event
 
 MAX_TOKENS = 24
 MODEL = "fbjax-builtin-tiny"  # the name the built-in model is served under
@@ -64,13 +63,12 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt: str,
         assert reply.status_code == 200, await reply.aread()
         out["replica"] = reply.headers[REPLICA_HEADER]
         async for line in reply.aiter_lines():
-            if not line.startswith("data: "):
+            event = sse_event(line)
+            if event is None:
                 continue
-            data = line[len("data: "):]
-            if data == "[DONE]":
+            if event == DONE:
                 out["done"] = True
                 break
-            event = json.loads(data)
             if "error" in event:
                 out["error"] = event["error"]
                 continue

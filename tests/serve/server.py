@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -63,6 +64,18 @@ class ServerProcess:
                 self.proc.wait()
         os.unlink(self._log.name)
         return self.proc.returncode
+
+
+DONE = "[DONE]"
+
+
+def sse_event(line: str) -> dict | str | None:
+    """One line of a server-sent-event stream: the event's JSON, ``DONE`` for the
+    ``[DONE]`` sentinel, None for anything that is not a ``data:`` line."""
+    if not line.startswith("data: "):
+        return None
+    data = line[len("data: "):]
+    return DONE if data == DONE else json.loads(data)
 
 
 def metric(text: str, name: str, labels: dict[str, str] | None = None,

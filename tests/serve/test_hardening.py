@@ -7,7 +7,6 @@ the engine thread of a real server (``tests/serve/faulty_server.py``).
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.server import ServerProcess, metric
+from tests.serve.server import DONE, ServerProcess, metric, sse_event
 
 KEY = "hardening-key"
 MAX_QUEUE = 16
@@ -34,13 +33,12 @@ def stream(url: str, body: dict, key: str | None = KEY, timeout: float = 120) ->
                       headers=headers, timeout=timeout) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
-            if not line.startswith("data: "):
+            event = sse_event(line)
+            if event is None:
                 continue
-            data = line[len("data: "):]
-            if data == "[DONE]":
+            if event == DONE:
                 out["done"] = True
                 break
-            event = json.loads(data)
             if "error" in event:
                 out["error"] = event["error"]
                 continue
