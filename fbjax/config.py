@@ -132,7 +132,11 @@ class SchedulerConfig:
     among the known profiles and fails with an error naming ``--profile`` if there is
     none. A profile recorded on another device or for another model is refused unless
     ``force_profile``. With ``online_update`` the engine refines the profile from every
-    measured step. The SLOs are FairBatching's defaults for requests that carry none.
+    measured step. With ``auto_profile`` (and no ``profile`` given) an engine that finds
+    no profile of its device, model and buckets measures one after compiling (about a
+    minute; see ``fbjax.profiling.measure.AUTO``) and saves it in the user's profile
+    directory for the next start. The SLOs are FairBatching's defaults for requests that
+    carry none.
     """
 
     policy: str = "vllm"
@@ -141,6 +145,7 @@ class SchedulerConfig:
     profile: str | None = None
     force_profile: bool = False
     online_update: bool = True
+    auto_profile: bool = True
     ttft_slo_s: float = 3.0
     tpot_slo_s: float = 0.1
     anchor: str = "first_token"  # FairBatching envelope anchor: first_token | arrival

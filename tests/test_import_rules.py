@@ -24,7 +24,7 @@ FBJAX = REPO_ROOT / "fbjax"
 KERNELS = REPO_ROOT / "kernels" / "fbjax_kernels"
 
 PURE_PACKAGES = ("sched", "sim", "routing", "profiling/store.py", "profiling/vidur.py",
-                 "config.py", "traces.py", "metrics.py", "resources.py")
+                 "config.py", "traces.py", "metrics.py", "resources.py", "catalog.py")
 FORBIDDEN_IN_PURE = ("jax", "jaxlib", "flax", "fbjax.engine", "fbjax.model", "fbjax_kernels",
                      "fbjax.serve", "fbjax.router")
 

@@ -97,14 +97,16 @@ class PagedRunner:
     """One sequence through our model over a paged cache with a shuffled page table."""
 
     def __init__(self, config: ModelConfig, params, seed: int = 0,
-                 attention_impl: str = "reference"):
+                 attention_impl: str = "reference", max_tokens: int = PAGES_PER_SEQ * PAGE_SIZE):
         self.config = config
         self.params = params
         self.model = LlamaForCausalLM(config, get_attention(attention_impl))
         rng = np.random.default_rng(seed)
-        self.page_table = rng.permutation(NUM_PAGES)[:PAGES_PER_SEQ].astype(np.int32)
+        pages_per_seq = -(-max_tokens // PAGE_SIZE)
+        num_pages = NUM_PAGES * pages_per_seq // PAGES_PER_SEQ  # as many spare pages
+        self.page_table = rng.permutation(num_pages)[:pages_per_seq].astype(np.int32)
         assert not np.all(np.diff(self.page_table) == 1)
-        shape = (NUM_PAGES, PAGE_SIZE, config.num_kv_heads, config.head_dim)
+        shape = (num_pages, PAGE_SIZE, config.num_kv_heads, config.head_dim)
         self.cache = tuple((jnp.zeros(shape), jnp.zeros(shape))
                            for _ in range(config.num_layers))
         self.length = 0

@@ -16,14 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from fbjax.config import EngineConfig, SchedulerConfig
 from fbjax.engine.batch import build_batch
 from fbjax.engine.buckets import enable_compilation_cache
 from fbjax.engine.runner import ModelRunner
 from fbjax.model.weights import LoadedModel, load_model
+from fbjax.profiling import measure as measure_module
 from fbjax.profiling.device import current_device_key
-from fbjax.profiling.store import load_engine_profile, model_key
+from fbjax.profiling.store import (
+    ProfileNotFound,
+    default_profile_path,
+    load_engine_profile,
+    model_key,
+    profile_command,
+)
 from fbjax.sched.base import StepLimits, StepPlan
 from fbjax.sched.kv_cache import KVCacheManager
 from fbjax.sched.latency import LatencyModel, StepFeatures
@@ -79,10 +87,15 @@ class LLMEngine:
         self.kv = KVCacheManager(config.cache.num_pages, config.cache.page_size,
                                  config.cache.enable_prefix_caching)
         sched = config.scheduler
+        self.device_key = current_device_key()
+        self.model_key = model_key(config.model)
+        self.runner: ModelRunner | None = None
         self.use_scheduler(sched)  # before compiling: a bad profile fails fast
         self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
                                   self.max_model_len, config.attention_impl, dtype,
                                   config.show_progress, config.tensor_parallel)
+        if self._profile_pending:  # measured on the compiled buckets
+            self.use_scheduler(sched)
         self._ids = itertools.count()
         self._seeds = random.Random(mc.seed)
         self._stop_texts: dict[str, str] = {}  # text cut at a stop string
@@ -107,15 +120,56 @@ class LLMEngine:
         config = self.config = dataclasses.replace(self.config, scheduler=sched)
         self.latency: LatencyModel | None = None
         self.profile_path: Path | None = None
+        self._profile_pending = False
         if needs_latency_model(sched.policy) or sched.profile:
-            self.latency, self.profile_path, warnings = load_engine_profile(
-                sched.profile, device=current_device_key(), model=model_key(config.model),
-                buckets=config.buckets, force=sched.force_profile)
+            try:
+                self.latency, self.profile_path, warnings = load_engine_profile(
+                    sched.profile, device=self.device_key, model=self.model_key,
+                    buckets=config.buckets, force=sched.force_profile,
+                    model_spec=config.model)
+            except ProfileNotFound:
+                if sched.profile is not None or not sched.auto_profile:
+                    raise
+                if self.runner is None:
+                    # Called before compiling: measure once the buckets exist; until
+                    # then a placeholder policy that needs no profile.
+                    self._profile_pending = True
+                    sched = dataclasses.replace(sched, policy="vllm", profile=None)
+                    warnings = []
+                else:
+                    self.latency, self.profile_path = self._measure_profile()
+                    warnings = []
             for warning in warnings:
                 log.warning(warning)
         limits = StepLimits.from_buckets(config.buckets, sched.max_num_batched_tokens,
                                          sched.max_num_seqs)
         self.scheduler = scheduler_from_config(sched, limits, self.kv, self.latency)
+
+    def _measure_profile(self) -> tuple[LatencyModel, Path]:
+        """Measure this engine's latency profile (bounded time, with a progress bar),
+        save it where the next start finds it, and return it."""
+        settings = measure_module.AUTO
+        log.warning("no latency profile for %s on %s with these buckets: measuring one "
+                    "(at most ~%.0f s; `%s` records a finer one)", self.model_key,
+                    self.device_key, settings.time_limit_s,
+                    profile_command(self.config.model, self.config.buckets))
+        with tqdm(desc="profiling buckets", unit="run", disable=not self.config.show_progress,
+                  total=None) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            recording = measure_module.record_profile(self, settings, "auto (engine start-up)",
+                                                      progress)
+        path = default_profile_path(self.device_key, self.model_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recording.model.save(path)
+        h = recording.model.heldout
+        log.warning("measured %d step contents in %.0f s; held-out error %s; saved to %s",
+                    len(recording.measurements), recording.seconds,
+                    f"MAPE {h.mape * 100:.1f}%, p95 {h.p95_abs_ms:.2f} ms" if h else "n/a",
+                    path)
+        return recording.model, path
 
     # ----- requests ---------------------------------------------------------------
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,

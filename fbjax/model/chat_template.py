@@ -22,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+from fbjax.catalog import resolve_model
 from fbjax.model.gguf import is_gguf_file
 from fbjax.model.gguf_tokenizer import gguf_chat_template
 from fbjax.model.tokenizer import special_token_from_config
@@ -55,7 +56,9 @@ class ChatTemplate:
     @classmethod
     def for_model(cls, model_dir: str | None, override: str | None = None) -> ChatTemplate:
         """``override`` (a template file), else the model's template (an HF directory's,
-        or a GGUF file's ``tokenizer.chat_template``), else the simple documented one."""
+        or a GGUF file's ``tokenizer.chat_template``), else the simple documented one.
+        ``model_dir`` may also be a known model name (:mod:`fbjax.catalog`)."""
+        model_dir = resolve_model(model_dir)
         source, bos, eos, where = None, "", "", ""
         if model_dir is not None and is_gguf_file(model_dir):
             source, bos, eos = gguf_chat_template(model_dir)

@@ -14,11 +14,13 @@
   tensors into the linen tree of :class:`~fbjax.model.llama.LlamaForCausalLM`.
 * :func:`save_params` / :func:`restore_params` use orbax, so converted (or sharded)
   params can be reloaded without going through safetensors again.
-* :func:`load_model` is what the engine calls: ``None`` gives the built-in tiny model
-  with seeded random weights and a byte tokenizer, a directory gives an HF model, a
-  ``.gguf`` file a llama.cpp model (:mod:`fbjax.model.gguf`).
+* :func:`load_model` is what the engine calls: ``None`` (or ``builtin-tiny``) gives the
+  built-in tiny model with seeded random weights and a byte tokenizer, a known name its
+  packaged file (:mod:`fbjax.catalog`), a directory an HF model, a ``.gguf`` file a
+  llama.cpp model (:mod:`fbjax.model.gguf`).
 
-Nothing here downloads anything: a model is a local directory or nothing.
+Nothing here downloads anything: a model is a local file, a local directory, a file in
+an installed package, or the built-in one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbjax.catalog import resolve_model
 from fbjax.config import ConfigError, ModelConfig, read_json
 from fbjax.model.gguf import (
     TensorFetch,
@@ -450,9 +453,11 @@ class LoadedModel:
 
 
 def load_model(model: str | Path | None, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
-    """``None``: the built-in tiny model (random weights, byte tokenizer); a path: a
-    GGUF file (see :mod:`fbjax.model.gguf`) or a local HF directory with config.json,
-    *.safetensors and tokenizer.json."""
+    """``None`` or ``builtin-tiny``: the built-in tiny model (random weights, byte
+    tokenizer); a known name (:mod:`fbjax.catalog`): its file; a path: a GGUF file (see
+    :mod:`fbjax.model.gguf`) or a local HF directory with config.json, *.safetensors and
+    tokenizer.json."""
+    model = resolve_model(model)
     if model is None:
         config = ModelConfig.from_json(BUILTIN_MODEL_CONFIG)
         return LoadedModel(config, init_random_params(config, dtype), ByteTokenizer())

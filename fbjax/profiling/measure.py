@@ -289,6 +289,56 @@ def monotone_lift(model: LatencyModel) -> LatencyModel:
     return LatencyModel(coef, metadata=metadata, heldout=model.heldout)
 
 
+@dataclasses.dataclass(frozen=True)
+class GridSettings:
+    """How much to measure: the CLI's defaults are thorough; the engine's automatic
+    profile at start-up (``AUTO``) is sized to fit its time limit on a small CPU."""
+
+    points_per_bucket: int = 24
+    warmup: int = 1
+    repeats: int = 5
+    statistic: str = "min"
+    time_limit_s: float | None = None
+    seed: int = 0
+
+
+AUTO = GridSettings(points_per_bucket=10, warmup=1, repeats=2, time_limit_s=45.0)
+
+
+@dataclasses.dataclass
+class Recording:
+    model: LatencyModel
+    measurements: list[Measurement]
+    planned: int
+    seconds: float
+
+
+def record_profile(engine, settings: GridSettings, source: str,
+                   progress: Callable[[int, int], None] | None = None) -> Recording:
+    """Measure ``engine``'s compiled buckets over the grid ``settings`` describes and fit
+    its latency profile (metadata: provenance, grid, held-out error). The one path both
+    ``python -m fbjax.profile`` and the engine's automatic profile take."""
+    config = engine.config
+    points = profile_grid(config.buckets, settings.points_per_bucket,
+                          max_context=engine.max_model_len - 1,
+                          max_kv_tokens=engine.kv.capacity_tokens,
+                          page_size=engine.kv.page_size, seed=settings.seed)
+    start = time.monotonic()
+    measurements = measure(engine, points, warmup=settings.warmup, repeats=settings.repeats,
+                           statistic=settings.statistic, time_limit_s=settings.time_limit_s,
+                           progress=progress)
+    elapsed = time.monotonic() - start
+    meta = engine_metadata(engine)
+    meta["source"] = source
+    meta["grid"] = {"points_per_bucket": settings.points_per_bucket,
+                    "measured": len(measurements), "planned": len(points),
+                    "warmup": settings.warmup, "repeats": settings.repeats,
+                    "seed": settings.seed, "statistic": f"{settings.statistic} of repeats",
+                    "seconds": round(elapsed, 1), "time_limit_s": settings.time_limit_s}
+    meta["buckets_profiled"] = [list(b) for b in config.buckets.pairs()]
+    return Recording(fit_profile(measurements, meta), measurements, len(points), elapsed)
+
+
 def engine_metadata(engine) -> dict[str, Any]:
     """Provenance of a profile measured on ``engine`` (see ``ENGINE_METADATA``)."""
     import jax

@@ -35,13 +35,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fbjax.catalog import BUILTIN_MODEL, PACKAGED_MODELS
 from fbjax.config import BucketConfig
 from fbjax.resources import PACKAGED_PROFILES_DIR
 from fbjax.sched.latency import LatencyModel
 
 PROFILE_DIR_ENV = "FBJAX_PROFILE_DIR"
 DEFAULT_PAGE_SIZE = 16
-BUILTIN_MODEL_KEY = "builtin-tiny"
+BUILTIN_MODEL_KEY = BUILTIN_MODEL
 # Metadata an engine profile must carry (GPU profiles from vidur carry the first two).
 REQUIRED_METADATA = {"device": str, "model": str}
 ENGINE_METADATA = {"device": str, "model": str, "token_buckets": list, "seq_buckets": list,
@@ -52,12 +53,24 @@ class ProfileError(ValueError):
     """The profile cannot be used as asked; the message says why and what to do."""
 
 
+class ProfileNotFound(ProfileError):
+    """No profile of this device, model and bucket set exists yet (the engine may
+    measure one; see ``SchedulerConfig.auto_profile``)."""
+
+
 # ----- keys ---------------------------------------------------------------------------------
 
 def model_key(model: str | None) -> str:
-    if model is None:
+    """The model part of a profile name: a known name and the path of its file share one
+    key (``smollm2`` and ``.../SmolLM2-135M-Instruct.Q4_1.gguf`` both give
+    ``smollm2-135m-instruct.q4-1.gguf``)."""
+    if model is None or str(model) == BUILTIN_MODEL:
         return BUILTIN_MODEL_KEY
-    name = Path(os.path.expanduser(str(model))).resolve().name
+    packaged = PACKAGED_MODELS.get(str(model).lower())
+    if packaged is not None and not Path(str(model)).expanduser().exists():
+        name = packaged.filename
+    else:
+        name = Path(os.path.expanduser(str(model))).resolve().name
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
 
 
@@ -86,6 +99,18 @@ def known_profiles() -> list[str]:
 def default_profile_path(device: str, model: str) -> Path:
     """Where ``python -m fbjax.profile`` writes the profile of ``device`` and ``model``."""
     return user_profiles_dir() / f"{device}-{model}.json"
+
+
+def profile_command(model: str | None, buckets: BucketConfig) -> str:
+    """A ``python -m fbjax.profile`` command that records the profile the engine of
+    ``model`` and ``buckets`` looks for (where it looks first: the user's profile dir)."""
+    words = ["python -m fbjax.profile", f"--model {model or BUILTIN_MODEL}"]
+    default = BucketConfig()
+    if buckets.token_buckets != default.token_buckets:
+        words.append("--token_buckets " + ",".join(map(str, buckets.token_buckets)))
+    if buckets.seq_buckets != default.seq_buckets:
+        words.append("--seq_buckets " + ",".join(map(str, buckets.seq_buckets)))
+    return " ".join(words)
 
 
 def find_profile(device: str, model: str) -> Path | None:
@@ -162,7 +187,8 @@ def validate_engine_metadata(metadata: dict[str, Any], source: str) -> None:
 
 
 def check_profile(latency: LatencyModel, *, device: str, model: str, buckets: BucketConfig,
-                  force: bool = False, source: str = "profile") -> list[str]:
+                  force: bool = False, source: str = "profile",
+                  model_spec: str | None = None) -> list[str]:
     """Refuse a profile of another device or model (unless ``force``) or one that lacks
     some of ``buckets``; returns the warnings a forced use deserves."""
     meta = latency.metadata
@@ -177,37 +203,39 @@ def check_profile(latency: LatencyModel, *, device: str, model: str, buckets: Bu
                      f"(this engine runs {key} {want!r})")
         if not force:
             raise ProfileError(
-                f"{what}. Record a profile here with `python -m fbjax.profile --out "
-                f"{default_profile_path(device, model)}`, "
-                "or pass --force_profile (SchedulerConfig.force_profile=True) to use it "
+                f"{what}. Record a profile here with `{profile_command(model_spec, buckets)}`"
+                ", or pass --force_profile (SchedulerConfig.force_profile=True) to use it "
                 "anyway")
         warnings.append(f"{what}; used anyway (forced)")
     missing = [b for b in buckets.pairs() if b not in latency.coefficients]
     if missing:
         have = sorted(latency.coefficients)
-        raise ProfileError(
+        raise ProfileNotFound(
             f"{source} lacks {len(missing)} of the engine's {len(buckets.pairs())} buckets "
             f"(e.g. {missing[:4]}); it covers {have[:6]}{'...' if len(have) > 6 else ''}. "
-            "Profile this bucket set (python -m fbjax.profile with the same "
-            "--token_buckets/--seq_buckets) or run the engine with the profile's buckets")
+            f"Profile this bucket set (`{profile_command(model_spec, buckets)}`) or run "
+            "the engine with the profile's buckets")
     return warnings
 
 
 def load_engine_profile(profile: str | Path | None, *, device: str, model: str,
                         buckets: BucketConfig, force: bool = False,
+                        model_spec: str | None = None,
                         ) -> tuple[LatencyModel, Path, list[str]]:
     """The latency model the engine should use: ``profile`` if given, else the default
-    ``<device>-<model>.json`` in :func:`profile_dirs`; checked by ``check_profile``."""
+    ``<device>-<model>.json`` in :func:`profile_dirs` (ProfileNotFound if there is none,
+    or if it lacks some of ``buckets``); checked by ``check_profile``. ``model_spec`` is
+    the engine's ``--model``, for the commands the errors suggest."""
     if profile is None:
         path = find_profile(device, model)
+        looked = ", ".join(str(d) for d in profile_dirs())
         if path is None:
-            looked = ", ".join(str(d) for d in profile_dirs())
-            raise ProfileError(
+            raise ProfileNotFound(
                 f"the fairbatching scheduler needs a latency profile and there is none for "
                 f"device {device!r} and model {model!r} (looked for {device}-{model}.json in "
-                f"{looked}); record one with "
-                f"`python -m fbjax.profile --out {default_profile_path(device, model)}` "
-                "or give one with --profile (SchedulerConfig.profile)")
+                f"{looked}); record one with `{profile_command(model_spec, buckets)}`, "
+                "give one with --profile (SchedulerConfig.profile), or let the engine "
+                "measure one at start-up (--auto_profile)")
     else:
         path = resolve_profile(profile)
     try:
@@ -215,5 +243,5 @@ def load_engine_profile(profile: str | Path | None, *, device: str, model: str,
     except ValueError as e:
         raise ProfileError(str(e)) from None
     warnings = check_profile(latency, device=device, model=model, buckets=buckets,
-                             force=force, source=f"profile {path}")
+                             force=force, source=f"profile {path}", model_spec=model_spec)
     return latency, path, warnings

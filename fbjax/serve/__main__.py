@@ -1,4 +1,4 @@
-"""OpenAI-compatible server: ``python -m fbjax.serve [--model DIR] [--port 8000]``.
+"""OpenAI-compatible server: ``python -m fbjax.serve [--model PATH|NAME] [--port 8000]``.
 
 Builds the engine (compiling every bucket), then serves the endpoints of
 fbjax.serve.app with uvicorn on one event loop while the engine steps on its own
@@ -18,6 +18,7 @@ from pathlib import Path
 import uvicorn
 from absl import app, flags, logging
 
+from fbjax import cli_flags
 from fbjax.cli_flags import engine_config_from_flags
 from fbjax.config import ConfigError, ModelConfig
 from fbjax.engine.engine import LLMEngine
@@ -34,6 +35,7 @@ API_KEY_ENV = "FBJAX_API_KEY"
 SHUTDOWN_MARGIN_S = 2.0
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli_flags)  # --model, --dtype, --scheduler... in --help
 FLAGS.set_default("scheduler", "fairbatching")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one (logged).")

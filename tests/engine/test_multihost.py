@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--prompt", "hello there", "--prompt", "two hosts, one model", "--max_tokens", "16",
+COMMON = ["--model", "builtin-tiny", "--prompt", "hello there", "--prompt",
+          "two hosts, one model", "--max_tokens", "16",
           "--token_buckets", "16,64", "--seq_buckets", "4", "--num_pages", "128",
           "--max_model_len", "256"]
 

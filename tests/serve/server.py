@@ -15,20 +15,24 @@ import httpx
 
 # The same bucket, cache and context settings as tests/conftest.py's engine_config, so
 # the server reuses the compilation cache and offline references run the same shapes.
-SMALL = ["--token_buckets", "16,32,64,128", "--seq_buckets", "4,16", "--page_size", "16",
-         "--num_pages", "512", "--max_model_len", "512", "--max_num_batched_tokens", "64"]
+SMALL = ["--model", "builtin-tiny", "--token_buckets", "16,32,64,128", "--seq_buckets", "4,16",
+         "--page_size", "16", "--num_pages", "512", "--max_model_len", "512",
+         "--max_num_batched_tokens", "64"]
 API_KEY = "test-key"
 
 
 class ServerProcess:
     def __init__(self, *args: str, scheduler: str = "sarathi", module: str = "fbjax.serve",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, default_model: bool = False) -> None:
+        """``default_model``: no --model flag (the server's default model), else the
+        built-in one."""
         self._log = tempfile.NamedTemporaryFile("w+", prefix="fbjax-serve-", suffix=".log",
                                                 delete=False)
         env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+        small = SMALL[2:] if default_model else SMALL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--port", "0", "--scheduler", scheduler,
-             *SMALL, *args],
+             *small, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_ready()
         self.base_url = self.url + "/v1"

@@ -15,7 +15,8 @@ import pytest
     (["--slo_tpot_ms", "-1"], "--slo_tpot_ms"),
 ])
 def test_bad_flags(args, message):
-    proc = subprocess.run([sys.executable, "-m", "fbjax.serve", "--port", "0", *args],
+    proc = subprocess.run([sys.executable, "-m", "fbjax.serve", "--port", "0",
+                           "--model", "builtin-tiny", *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
