@@ -167,6 +167,10 @@ def test_profiler_on_two_buckets_gives_positive_monotone_model(two_bucket_engine
 def test_measure_stops_at_the_time_limit(two_bucket_engine):
     points = profile_grid(TWO_BUCKETS, 8, max_context=200, max_kv_tokens=4096, page_size=16)
     assert measure(two_bucket_engine, points, repeats=1, time_limit_s=0.0) == []
+    # Past the limit the first pass still gives every bucket its minimum of points.
+    kept = measure(two_bucket_engine, points, repeats=2, time_limit_s=0.0, min_per_bucket=2)
+    assert sorted(m.point.bucket for m in kept) == [(16, 4), (16, 4), (32, 4), (32, 4)]
+    assert all(len(m.samples) == 1 for m in kept)
     with pytest.raises(ProfileError, match="too few"):
         fit_profile([], dict(engine_meta(TWO_BUCKETS), buckets_profiled=[[16, 4]]))
 

@@ -133,6 +133,7 @@ def profile_grid(buckets: BucketConfig, points_per_bucket: int, *, max_context: 
 # ----- measuring ----------------------------------------------------------------------------
 
 STATISTICS = ("min", "median")
+MIN_POINTS = 3  # per bucket, for a fit (fit_profile's default)
 
 
 @dataclasses.dataclass
@@ -191,12 +192,15 @@ def time_step(engine, plan, clock: Callable[[], float] = time.perf_counter) -> f
 
 def measure(engine, points: Sequence[GridPoint], *, warmup: int = 1, repeats: int = 3,
             statistic: str = "min", time_limit_s: float | None = None,
-            progress: Callable[[int, int], None] | None = None) -> list[Measurement]:
+            progress: Callable[[int, int], None] | None = None,
+            min_per_bucket: int = 0) -> list[Measurement]:
     """Time every point ``repeats`` times on the engine's executables, in ``repeats``
     passes over the whole grid (so one burst of interference hits one sample of many
     points rather than every sample of one), after ``warmup`` untimed runs of each
     point in the first pass. At the time limit it stops, keeping the points with at
-    least one sample; ``progress(done, total)`` counts timed runs."""
+    least one sample, except that the first pass goes on until every bucket has
+    ``min_per_bucket`` points (so that a fit is possible however slow the steps are);
+    ``progress(done, total)`` counts timed runs."""
     if statistic not in STATISTICS:
         raise ProfileError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if engine.scheduler.has_unfinished():
@@ -205,10 +209,13 @@ def measure(engine, points: Sequence[GridPoint], *, warmup: int = 1, repeats: in
     samples: list[list[float]] = [[] for _ in points]
     total = len(points) * repeats
     done = 0
+    per_bucket: dict[Bucket, int] = {}
     for rep in range(repeats):
         for i, point in enumerate(points):
-            if time_limit_s is not None and time.monotonic() - start > time_limit_s:
-                break
+            if (time_limit_s is not None and time.monotonic() - start > time_limit_s
+                    and (rep > 0 or per_bucket.get(point.bucket, 0) >= min_per_bucket)):
+                continue
+            per_bucket[point.bucket] = per_bucket.get(point.bucket, 0) + (rep == 0)
             plan = make_plan(engine, point)
             try:
                 for _ in range(warmup if rep == 0 else 0):
@@ -223,7 +230,10 @@ def measure(engine, points: Sequence[GridPoint], *, warmup: int = 1, repeats: in
 
 
 def fit_profile(measurements: Sequence[Measurement], metadata: dict[str, Any], *,
-                holdout_every: int = 5, min_points: int = 3) -> LatencyModel:
+                holdout_every: int = 5, min_points: int = MIN_POINTS,
+                pooled: bool = False) -> LatencyModel:
+    """The profile of ``measurements`` with its held-out error (``pooled``: shared
+    slopes, see ``LatencyModel.fit``)."""
     counts: dict[Bucket, int] = {}
     for m in measurements:
         counts[m.point.bucket] = counts.get(m.point.bucket, 0) + 1
@@ -241,9 +251,10 @@ def fit_profile(measurements: Sequence[Measurement], metadata: dict[str, Any], *
         i = seen[point[0]] = seen.get(point[0], -1) + 1
         (held if holdout_every > 0 and counts[point[0]] >= 3 and i % holdout_every == 2
          else train).append(point)
-    model = monotone_lift(LatencyModel.fit(points, holdout_every=0, metadata=metadata))
+    model = monotone_lift(LatencyModel.fit(points, holdout_every=0, metadata=metadata,
+                                           pooled=pooled))
     if held:
-        probe = monotone_lift(LatencyModel.fit(train, holdout_every=0))
+        probe = monotone_lift(LatencyModel.fit(train, holdout_every=0, pooled=pooled))
         model.heldout = probe.error_on(held)
     if model.heldout is not None:
         model.metadata["heldout_mape"] = model.heldout.mape
@@ -300,9 +311,13 @@ class GridSettings:
     statistic: str = "min"
     time_limit_s: float | None = None
     seed: int = 0
+    pooled: bool = False  # shared slopes (LatencyModel.fit): for few points per bucket
 
 
-AUTO = GridSettings(points_per_bucket=10, warmup=1, repeats=2, time_limit_s=45.0)
+# Sized for ~29 buckets of a small real model on 2 cores (steps of 0.1-0.6 s): the first
+# run of each executable is slow, so no warm-up but the minimum of 2 timed runs.
+AUTO = GridSettings(points_per_bucket=4, warmup=0, repeats=2, time_limit_s=50.0,
+                    pooled=True)
 
 
 @dataclasses.dataclass
@@ -326,7 +341,7 @@ def record_profile(engine, settings: GridSettings, source: str,
     start = time.monotonic()
     measurements = measure(engine, points, warmup=settings.warmup, repeats=settings.repeats,
                            statistic=settings.statistic, time_limit_s=settings.time_limit_s,
-                           progress=progress)
+                           progress=progress, min_per_bucket=MIN_POINTS)
     elapsed = time.monotonic() - start
     meta = engine_metadata(engine)
     meta["source"] = source
@@ -334,9 +349,11 @@ def record_profile(engine, settings: GridSettings, source: str,
                     "measured": len(measurements), "planned": len(points),
                     "warmup": settings.warmup, "repeats": settings.repeats,
                     "seed": settings.seed, "statistic": f"{settings.statistic} of repeats",
-                    "seconds": round(elapsed, 1), "time_limit_s": settings.time_limit_s}
+                    "seconds": round(elapsed, 1), "time_limit_s": settings.time_limit_s,
+                    "pooled_fit": settings.pooled}
     meta["buckets_profiled"] = [list(b) for b in config.buckets.pairs()]
-    return Recording(fit_profile(measurements, meta), measurements, len(points), elapsed)
+    return Recording(fit_profile(measurements, meta, pooled=settings.pooled), measurements,
+                     len(points), elapsed)
 
 
 def engine_metadata(engine) -> dict[str, Any]:

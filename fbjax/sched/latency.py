@@ -178,25 +178,32 @@ class LatencyModel:
     # ----- fitting ------------------------------------------------------------------
     @classmethod
     def fit(cls, points: Sequence[tuple[Bucket, StepFeatures, float]], *,
-            holdout_every: int = 5, metadata: dict[str, Any] | None = None) -> LatencyModel:
+            holdout_every: int = 5, metadata: dict[str, Any] | None = None,
+            pooled: bool = False) -> LatencyModel:
         """Fit each bucket by NNLS on all but every ``holdout_every``-th point, report the
-        error on those, then refit on everything (the reported error stays honest)."""
+        error on those, then refit on everything (the reported error stays honest).
+
+        ``pooled``: one NNLS over every bucket, with a per-bucket intercept (the padded
+        linear layers) and content slopes shared by all buckets (attention and KV reads
+        cost the same per unit whatever the padding). For a few points per bucket, as
+        in the engine's automatic profile, where a separate fit of six coefficients to
+        three points would extrapolate wildly."""
+        fit_all = _fit_pooled if pooled else _fit_each
         by_bucket: dict[Bucket, list[tuple[StepFeatures, float]]] = {}
         for bucket, feats, seconds in points:
             by_bucket.setdefault(bucket, []).append((feats, seconds))
-        train: dict[Bucket, np.ndarray] = {}
+        train: dict[Bucket, list[tuple[StepFeatures, float]]] = {}
         held: list[tuple[Bucket, StepFeatures, float]] = []
         for bucket, rows in by_bucket.items():
             can_hold = holdout_every > 0 and len(rows) >= 3
             is_held = [can_hold and i % holdout_every == 2 for i in range(len(rows))]
             held += [(bucket, f, s) for (f, s), h in zip(rows, is_held, strict=True) if h]
-            train[bucket] = _fit_rows([r for r, h in zip(rows, is_held, strict=True) if not h])
+            train[bucket] = [r for r, h in zip(rows, is_held, strict=True) if not h]
         heldout = None
         if held:
-            probe = cls(train)
+            probe = cls(fit_all(train))
             heldout = fit_errors([(probe.predict(b, f), s) for b, f, s in held])
-        full = {bucket: _fit_rows(rows) for bucket, rows in by_bucket.items()}
-        return cls(full, metadata=metadata, heldout=heldout)
+        return cls(fit_all(by_bucket), metadata=metadata, heldout=heldout)
 
     def error_on(self, points: Sequence[tuple[Bucket, StepFeatures, float]]) -> FitError:
         return fit_errors([(self.predict(b, f), s) for b, f, s in points])
@@ -292,12 +299,36 @@ class LatencyModel:
         return cls.from_json(data, str(path))
 
 
-def _fit_rows(rows: Sequence[tuple[StepFeatures, float]]) -> np.ndarray:
-    a = np.stack([f.vector() for f, _ in rows])
-    b = np.array([s for _, s in rows])
+Rows = Sequence[tuple[StepFeatures, float]]
+
+
+def _nnls_scaled(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # Scale columns so the active-set tolerances mean the same for every feature.
     scale = np.maximum(np.abs(a).max(axis=0), 1e-12)
     return nnls(a / scale, b) / scale
+
+
+def _fit_rows(rows: Rows) -> np.ndarray:
+    return _nnls_scaled(np.stack([f.vector() for f, _ in rows]),
+                        np.array([s for _, s in rows]))
+
+
+def _fit_each(by_bucket: dict[Bucket, Rows]) -> dict[Bucket, np.ndarray]:
+    return {bucket: _fit_rows(rows) for bucket, rows in by_bucket.items()}
+
+
+def _fit_pooled(by_bucket: dict[Bucket, Rows]) -> dict[Bucket, np.ndarray]:
+    """Per-bucket intercepts and shared slopes (see ``LatencyModel.fit``)."""
+    buckets = sorted(by_bucket)
+    rows = [(i, f, s) for i, bucket in enumerate(buckets) for f, s in by_bucket[bucket]]
+    a = np.zeros((len(rows), len(buckets) + len(FEATURES) - 1))
+    for r, (i, f, _) in enumerate(rows):
+        v = f.vector()
+        a[r, i] = v[0]
+        a[r, len(buckets):] = v[1:]
+    x = _nnls_scaled(a, np.array([s for _, _, s in rows]))
+    slopes = x[len(buckets):]
+    return {bucket: np.concatenate([[x[i]], slopes]) for i, bucket in enumerate(buckets)}
 
 
 def fit_errors(pairs: Sequence[tuple[float, float]]) -> FitError:

@@ -108,6 +108,32 @@ def test_fit_with_two_percent_noise():
         assert coef[0] == pytest.approx(true_coefficients(bucket)[0], rel=0.15)
 
 
+def test_pooled_fit_learns_shared_slopes_from_three_points_a_bucket():
+    """Where slopes are the same in every bucket (only the intercept differs), three
+    noisy points a bucket are enough for the pooled fit, not for six coefficients each."""
+
+    def shared(bucket) -> np.ndarray:
+        return np.concatenate([true_coefficients(bucket)[:1], [2e-5, 2e-4, 4e-6, 3e-5, 0.0]])
+
+    rng = random.Random(5)
+    points = []
+    for bucket in BUCKETS:
+        for _ in range(4):
+            feats = random_step(rng, bucket)
+            points.append((bucket, feats, float(shared(bucket) @ feats.vector())
+                           * (1 + rng.gauss(0, 0.02))))
+    pooled = LatencyModel.fit(points, pooled=True)
+    each = LatencyModel.fit(points)
+    fresh = [(b, f, float(shared(b) @ f.vector()))
+             for b in BUCKETS for f in (random_step(rng, b) for _ in range(50))]
+    assert pooled.error_on(fresh).mape < 0.05
+    assert pooled.error_on(fresh).mape < each.error_on(fresh).mape
+    slopes = {tuple(c[1:]) for c in pooled.coefficients.values()}
+    assert len(slopes) == 1  # one set of slopes, per-bucket intercepts
+    assert all((c >= 0).all() for c in pooled.coefficients.values())
+    assert pooled.heldout.num_points == len(BUCKETS)
+
+
 def test_fit_clamps_to_non_negative():
     rng = random.Random(3)
     points = []
