@@ -38,8 +38,9 @@ FORMAT = "fbjax-executable-v1"
 @functools.cache
 def code_fingerprint() -> str:
     """SHA-256 of every .py and .cc file of fbjax and fbjax_kernels, in path order."""
-    import fbjax
     import fbjax_kernels
+
+    import fbjax
 
     digest = hashlib.sha256()
     for package in (fbjax, fbjax_kernels):
