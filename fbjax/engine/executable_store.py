@@ -24,6 +24,7 @@ import os
 import pickle
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,35 @@ def executable_key(parts: dict[str, Any]) -> str:
                           ).hexdigest()
 
 
+# Every code change keys a new set of files (about 1.3 MB a bucket for SmolLM2-135M):
+# files unused this long are deleted when something new is saved.
+MAX_UNUSED_DAYS = 14.0
+
+
 class ExecutableStore:
     """``load_or_compile(key_parts, lower)``: the executable saved under the key, else
-    ``lower().compile()``, saved for next time (atomically: a crash leaves no half file)."""
+    ``lower().compile()``, saved for next time (atomically: a crash leaves no half file).
+    A load marks the file used (its mtime); saving prunes files unused for
+    ``MAX_UNUSED_DAYS``."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory).expanduser()
         self.loaded = 0
         self.compiled = 0
+        self._pruned = False
+
+    def prune(self, max_unused_days: float = MAX_UNUSED_DAYS) -> int:
+        """Delete the files not used for ``max_unused_days``; returns how many."""
+        cutoff = time.time() - max_unused_days * 86400
+        removed = 0
+        for path in self.directory.glob("*.pkl"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass  # another process pruned or is replacing it
+        return removed
 
     def load_or_compile(self, key_parts: dict[str, Any], lower: Callable[[], Any]):
         from jax.experimental.serialize_executable import deserialize_and_load, serialize
@@ -103,6 +125,7 @@ class ExecutableStore:
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
                 executable = deserialize_and_load(payload, in_tree, out_tree)
                 self.loaded += 1
+                os.utime(path)  # used: keep it
                 return executable
             except Exception as e:  # a truncated or foreign file: recompile it
                 log.warning("cannot load the saved executable %s (%s: %s); recompiling",
@@ -123,6 +146,9 @@ class ExecutableStore:
                                              suffix=".tmp") as f:
                 f.write(pickle.dumps(serialize(executable)))
             os.replace(f.name, path)
+            if not self._pruned:
+                self._pruned = True
+                self.prune()
         except Exception as e:  # a read-only or full disk costs the next start only
             log.warning("cannot save the executable to %s (%s: %s)", path,
                         type(e).__name__, e)

@@ -81,3 +81,19 @@ else:
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[1].stdout.split() == ["1", "0"] and runs[2].stdout.split() == ["0", "1"]
+
+
+def test_saving_prunes_files_unused_for_two_weeks(tmp_path):
+    import os
+    import time
+
+    ExecutableStore(tmp_path).load_or_compile({"k": "used"}, _lowered(2.0))
+    ExecutableStore(tmp_path).load_or_compile({"k": "stale"}, _lowered(5.0))
+    used, stale = (tmp_path / f"{executable_key({'k': k})}.pkl" for k in ("used", "stale"))
+    month_ago = time.time() - 30 * 86400
+    for path in (used, stale):
+        os.utime(path, (month_ago, month_ago))
+    ExecutableStore(tmp_path).load_or_compile({"k": "used"}, _lowered(2.0))  # a load marks it
+    ExecutableStore(tmp_path).load_or_compile({"k": "new"}, _lowered(7.0))  # a save prunes
+    assert used.exists() and not stale.exists()
+    assert len(list(tmp_path.glob("*.pkl"))) == 2
