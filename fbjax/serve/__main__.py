@@ -19,6 +19,7 @@ import uvicorn
 from absl import app, flags, logging
 
 from fbjax import cli_flags
+from fbjax.catalog import resolve_model
 from fbjax.cli_flags import engine_config_from_flags
 from fbjax.config import ConfigError, ModelConfig
 from fbjax.engine.engine import LLMEngine
@@ -120,8 +121,9 @@ def main(argv: list[str]) -> int:
 
 
 def _settings(config) -> ServerSettings:
-    name = FLAGS.served_model_name or (Path(config.model).name if config.model
-                                       else ModelConfig.from_json(BUILTIN_MODEL_CONFIG).name)
+    builtin = resolve_model(config.model) is None
+    name = FLAGS.served_model_name or (ModelConfig.from_json(BUILTIN_MODEL_CONFIG).name
+                                       if builtin else Path(config.model).name)
     limits = http_limits_from_flags(FLAGS.shutdown_grace_s + SHUTDOWN_MARGIN_S)
     if FLAGS.engine_stall_timeout_s <= 0:
         raise ConfigError("--engine_stall_timeout_s must be > 0")
