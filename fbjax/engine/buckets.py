@@ -8,6 +8,7 @@ store (``executable_store.py``) skips even the tracing.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -40,10 +41,13 @@ class CompiledBuckets:
     def compile(cls, fn: Callable, buckets: BucketConfig,
                 example_args: Callable[[int, int], tuple], donate_argnums=(),
                 show_progress: bool = True, store: ExecutableStore | None = None,
-                key_parts: dict[str, Any] | None = None) -> CompiledBuckets:
+                key_parts: dict[str, Any] | None = None,
+                check: Callable[[Callable, int, int], None] | None = None,
+                ) -> CompiledBuckets:
         """One executable per bucket; with a ``store``, loaded from disk where a previous
         start saved one under the same key (``key_parts`` + bucket + argument shapes:
-        the caller names what else decides the program, such as the model config)."""
+        the caller names what else decides the program, such as the model config) and
+        ``check(executable, t=tokens, s=seqs)`` runs it once without raising."""
         jitted = jax.jit(fn, donate_argnums=donate_argnums)
         executables = {}
         pairs = buckets.pairs()
@@ -56,7 +60,8 @@ class CompiledBuckets:
             parts = {**(key_parts or {}), "bucket": [tokens, seqs],
                      "donate_argnums": list(donate_argnums), "args": abstract_signature(args)}
             executables[(tokens, seqs)] = store.load_or_compile(
-                parts, lambda args=args: jitted.lower(*args))
+                parts, lambda args=args: jitted.lower(*args),
+                check=None if check is None else functools.partial(check, t=tokens, s=seqs))
         return cls(executables)
 
     def __len__(self) -> int:

@@ -116,7 +116,12 @@ class ExecutableStore:
                 pass  # another process pruned or is replacing it
         return removed
 
-    def load_or_compile(self, key_parts: dict[str, Any], lower: Callable[[], Any]):
+    def load_or_compile(self, key_parts: dict[str, Any], lower: Callable[[], Any],
+                        check: Callable[[Any], None] | None = None):
+        """``check(executable)`` runs a loaded executable once (raising if it cannot
+        run): XLA:CPU sometimes serializes an executable without code it shares with
+        programs compiled earlier in the same process, and such a file only fails when
+        run ("Function ... not found"). A file that fails is deleted and recompiled."""
         from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
         path = self.directory / f"{executable_key(key_parts)}.pkl"
@@ -124,12 +129,15 @@ class ExecutableStore:
             try:
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
                 executable = deserialize_and_load(payload, in_tree, out_tree)
+                if check is not None:
+                    check(executable)
                 self.loaded += 1
                 os.utime(path)  # used: keep it
                 return executable
-            except Exception as e:  # a truncated or foreign file: recompile it
-                log.warning("cannot load the saved executable %s (%s: %s); recompiling",
-                            path, type(e).__name__, e)
+            except Exception as e:  # truncated, foreign or incomplete: recompile it
+                log.warning("cannot use the saved executable %s (%s: %s); recompiling",
+                            path, type(e).__name__, str(e)[:200])
+                path.unlink(missing_ok=True)
         # An executable that JAX's persistent cache hands back serializes without its
         # code (it then fails at run time: "Function ... not found"), so what is saved
         # is compiled with that cache off.

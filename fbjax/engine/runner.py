@@ -81,12 +81,26 @@ class ModelRunner:
             store=self.store,
             key_parts={"model": repr(model_config), "attention": resolve_impl(attention_impl),
                        "dtype": jnp.dtype(dtype).name},
+            check=lambda executable, t, s: self._run_once(
+                executable, batch_shapes(t, s, self.pages_per_seq),
+                lambda: make_kv_pool(model_config, cache, dtype)),
         )
         self.startup_seconds = time.perf_counter() - start
         loaded = f" ({self.store.loaded} loaded from {self.store.directory})" if (
             self.store and self.store.loaded) else ""
         log.info("compiled %d bucket executables in %.1f s%s", len(self.executables),
                  self.startup_seconds, loaded)
+
+    def _run_once(self, executable, batch: RaggedBatch, fresh_pool) -> None:
+        """Run a loaded executable on a bucket of padding (it also warms it up). Its
+        tokens write to slot 0, which no sequence reads before writing it itself. On
+        failure the pool, donated to the failed call, is made anew."""
+        try:
+            tokens, self.kv_cache = executable(self.params, self.kv_cache, batch)
+            np.asarray(tokens)
+        except Exception:
+            self.kv_cache = fresh_pool()
+            raise
 
     def run(self, batch: RaggedBatch) -> np.ndarray:
         """Execute one step; returns the sampled token of each bucket row (padding included)."""

@@ -46,7 +46,7 @@ def test_a_corrupt_file_is_recompiled_and_replaced(tmp_path, caplog):
     store = ExecutableStore(tmp_path)
     with caplog.at_level(logging.WARNING):
         executable = store.load_or_compile(parts, _lowered(3.0))
-    assert "cannot load the saved executable" in caplog.text
+    assert "cannot use the saved executable" in caplog.text
     assert (store.compiled, store.loaded) == (1, 0)
     np.testing.assert_array_equal(np.asarray(executable(jnp.ones(8))), np.full(8, 4.0))
     again = ExecutableStore(tmp_path)
@@ -97,3 +97,22 @@ def test_saving_prunes_files_unused_for_two_weeks(tmp_path):
     ExecutableStore(tmp_path).load_or_compile({"k": "new"}, _lowered(7.0))  # a save prunes
     assert used.exists() and not stale.exists()
     assert len(list(tmp_path.glob("*.pkl"))) == 2
+
+
+def test_a_loaded_executable_that_fails_its_check_is_recompiled(tmp_path, caplog):
+    parts = {"model": "m"}
+    ExecutableStore(tmp_path).load_or_compile(parts, _lowered(3.0))
+
+    def check(executable):
+        raise RuntimeError("NOT_FOUND: Function wrapped_iota not found")
+
+    store = ExecutableStore(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        executable = store.load_or_compile(parts, _lowered(3.0), check=check)
+    assert "wrapped_iota" in caplog.text
+    assert (store.compiled, store.loaded) == (1, 0)
+    np.testing.assert_array_equal(np.asarray(executable(jnp.ones(8))), np.full(8, 4.0))
+    checked = []
+    again = ExecutableStore(tmp_path)
+    again.load_or_compile(parts, _lowered(3.0), check=checked.append)
+    assert again.loaded == 1 and len(checked) == 1
