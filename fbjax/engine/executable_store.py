@@ -31,6 +31,8 @@ from typing import Any
 
 import jax
 
+from fbjax.profiling.device import cpu_model_name
+
 log = logging.getLogger(__name__)
 
 FORMAT = "fbjax-executable-v1"
@@ -52,17 +54,6 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-@functools.cache
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def abstract_signature(args: Any) -> list:
     """Shapes, dtypes and shardings of a pytree of arguments, with its structure."""
     leaves, tree = jax.tree_util.tree_flatten(args)
@@ -78,7 +69,7 @@ def executable_key(parts: dict[str, Any]) -> str:
     everything = {
         "format": FORMAT, "code": code_fingerprint(), "jax": jax.__version__,
         "jaxlib": jaxlib.__version__, "platform": device.platform,
-        "device_kind": device.device_kind, "cpu": _cpu_model(),
+        "device_kind": device.device_kind, "cpu": cpu_model_name(),
         "machine": platform.machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **parts,
     }
