@@ -16,16 +16,43 @@ def _lowered(scale: float, n: int = 8):
     return lambda: jax.jit(lambda x: x * scale + 1.0).lower(jnp.zeros(n, jnp.float32))
 
 
-def test_a_second_store_loads_what_the_first_compiled(tmp_path):
-    parts = {"model": "m", "args": abstract_signature(jnp.zeros(8))}
-    first = ExecutableStore(tmp_path)
-    a = first.load_or_compile(parts, _lowered(2.0))
-    second = ExecutableStore(tmp_path)
-    b = second.load_or_compile(parts, _lowered(2.0))
-    assert (first.compiled, first.loaded, second.compiled, second.loaded) == (1, 0, 0, 1)
-    x = jnp.arange(8, dtype=jnp.float32)
-    np.testing.assert_array_equal(np.asarray(b(x)), np.asarray(a(x)))
-    np.testing.assert_array_equal(np.asarray(b(x)), np.arange(8) * 2.0 + 1.0)
+_CHILD = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from fbjax.engine.buckets import enable_compilation_cache
+from fbjax.engine.executable_store import ExecutableStore
+step, store_dir, jax_cache = sys.argv[1:4]
+if jax_cache != "-":
+    enable_compilation_cache(jax_cache)
+x = jnp.arange(64, dtype=jnp.float32).reshape(8, 8)
+lower = lambda: jax.jit(lambda a, i: a[i] @ a.T + 1.0).lower(x, jnp.arange(4))
+store = ExecutableStore(store_dir)
+if step == "jax-cache-only":
+    lower().compile()
+else:
+    out = store.load_or_compile({"k": 1}, lower)(x, jnp.arange(4))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x[:4] @ x.T + 1.0))
+    print(store.compiled, store.loaded)
+"""
+
+
+def run_children(steps: list[str], store_dir, jax_cache: str = "-") -> list[list[str]]:
+    """Each step in a fresh process: XLA:CPU may serialize an executable without code it
+    shares with programs compiled before in the same process (hence the engine's check
+    run); a fresh process is how a server start meets the store."""
+    import subprocess
+    import sys
+
+    outputs = []
+    for step in steps:
+        run = subprocess.run([sys.executable, "-c", _CHILD, step, str(store_dir), jax_cache],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(run.stdout.split())
+    return outputs
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    assert run_children(["save", "load"], tmp_path) == [["1", "0"], ["0", "1"]]
 
 
 def test_every_key_part_and_the_shapes_count():
@@ -57,30 +84,9 @@ def test_a_corrupt_file_is_recompiled_and_replaced(tmp_path, caplog):
 def test_what_it_saves_runs_even_where_jax_cache_had_the_program(tmp_path):
     """JAX's persistent cache returns executables that serialize without their code;
     the store compiles what it saves with that cache off, so the saved one runs."""
-    import subprocess
-    import sys
-
-    child = f"""
-import sys, jax, jax.numpy as jnp, numpy as np
-from fbjax.engine.buckets import enable_compilation_cache
-from fbjax.engine.executable_store import ExecutableStore
-enable_compilation_cache({str(tmp_path / "jax")!r})
-x = jnp.arange(64, dtype=jnp.float32).reshape(8, 8)
-lower = lambda: jax.jit(lambda a, i: a[i] @ a.T + 1.0).lower(x, jnp.arange(4))
-store = ExecutableStore({str(tmp_path / "store")!r})
-if sys.argv[1] == "jax-cache-only":
-    lower().compile()
-else:
-    out = store.load_or_compile({{"k": 1}}, lower)(x, jnp.arange(4))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(x[:4] @ x.T + 1.0))
-    print(store.compiled, store.loaded)
-"""
-    runs = [subprocess.run([sys.executable, "-c", child, step], capture_output=True,
-                           text=True, timeout=300)
-            for step in ("jax-cache-only", "save", "load")]
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-2000:]
-    assert runs[1].stdout.split() == ["1", "0"] and runs[2].stdout.split() == ["0", "1"]
+    outputs = run_children(["jax-cache-only", "save", "load"], tmp_path / "store",
+                           str(tmp_path / "jax"))
+    assert outputs[1:] == [["1", "0"], ["0", "1"]]
 
 
 def test_saving_prunes_files_unused_for_two_weeks(tmp_path):
