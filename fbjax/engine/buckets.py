@@ -2,22 +2,18 @@
 
 Everything is lowered and compiled at start-up (with a progress bar) so serving never
 compiles: a step looks its bucket up in a dict and calls the executable. The
-persistent compilation cache makes the second start-up faster, and the executable
-store (``executable_store.py``) skips even the tracing.
+persistent compilation cache makes the second start-up fast.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
 from tqdm import tqdm
 
 from fbjax.config import BucketConfig
-from fbjax.engine.executable_store import ExecutableStore, abstract_signature
 
 
 def enable_compilation_cache(cache_dir: str | None) -> None:
@@ -40,28 +36,13 @@ class CompiledBuckets:
     @classmethod
     def compile(cls, fn: Callable, buckets: BucketConfig,
                 example_args: Callable[[int, int], tuple], donate_argnums=(),
-                show_progress: bool = True, store: ExecutableStore | None = None,
-                key_parts: dict[str, Any] | None = None,
-                check: Callable[[Callable, int, int], None] | None = None,
-                ) -> CompiledBuckets:
-        """One executable per bucket; with a ``store``, loaded from disk where a previous
-        start saved one under the same key (``key_parts`` + bucket + argument shapes:
-        the caller names what else decides the program, such as the model config) and
-        ``check(executable, t=tokens, s=seqs)`` runs it once without raising."""
+                show_progress: bool = True) -> CompiledBuckets:
         jitted = jax.jit(fn, donate_argnums=donate_argnums)
         executables = {}
         pairs = buckets.pairs()
         for tokens, seqs in tqdm(pairs, desc="compiling buckets", unit="bucket",
                                  disable=not show_progress):
-            args = example_args(tokens, seqs)
-            if store is None:
-                executables[(tokens, seqs)] = jitted.lower(*args).compile()
-                continue
-            parts = {**(key_parts or {}), "bucket": [tokens, seqs],
-                     "donate_argnums": list(donate_argnums), "args": abstract_signature(args)}
-            executables[(tokens, seqs)] = store.load_or_compile(
-                parts, lambda args=args: jitted.lower(*args),
-                check=None if check is None else functools.partial(check, t=tokens, s=seqs))
+            executables[(tokens, seqs)] = jitted.lower(*example_args(tokens, seqs)).compile()
         return cls(executables)
 
     def __len__(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -94,10 +93,7 @@ class LLMEngine:
         self.use_scheduler(sched)  # before compiling: a bad profile fails fast
         self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
                                   self.max_model_len, config.attention_impl, dtype,
-                                  config.show_progress, config.tensor_parallel,
-                                  executable_dir=(os.path.join(config.compilation_cache_dir,
-                                                               "executables")
-                                                  if config.compilation_cache_dir else None))
+                                  config.show_progress, config.tensor_parallel)
         if self._profile_pending:  # measured on the compiled buckets
             self.use_scheduler(sched)
         self._ids = itertools.count()

@@ -13,12 +13,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fbjax_kernels.ragged_paged_attention import get_attention, resolve_impl
+from fbjax_kernels.ragged_paged_attention import get_attention
 
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
 from fbjax.engine.buckets import CompiledBuckets
-from fbjax.engine.executable_store import ExecutableStore
 from fbjax.engine.sampling import sample_tokens
 from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
 from fbjax.model.llama import KVCache, LlamaForCausalLM
@@ -53,9 +52,7 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, params, cache: CacheConfig,
                  buckets: BucketConfig, max_model_len: int, attention_impl: str = "auto",
                  dtype=jnp.float32, show_progress: bool = True,
-                 tensor_parallel: int = 1, executable_dir: str | None = None) -> None:
-        """``executable_dir``: where compiled buckets are saved and found again (see
-        ``executable_store``; single-device engines only); None compiles every time."""
+                 tensor_parallel: int = 1) -> None:
         self.model_config = model_config
         self.pages_per_seq = -(-max_model_len // cache.page_size)
         self.model = LlamaForCausalLM(model_config, get_attention(attention_impl), dtype)
@@ -68,9 +65,6 @@ class ModelRunner:
             self.kv_cache = jax.device_put(self.kv_cache, kv_pool_sharding(self.mesh))
         self.params = params
         start = time.perf_counter()
-        self.store = (ExecutableStore(executable_dir)
-                      if executable_dir and self.mesh is None and jax.process_count() == 1
-                      else None)
         self.executables = CompiledBuckets.compile(
             make_step_fn(self.model),
             buckets,
@@ -78,29 +72,10 @@ class ModelRunner:
                                        batch_shapes(t, s, self.pages_per_seq)),
             donate_argnums=(1,),
             show_progress=show_progress,
-            store=self.store,
-            key_parts={"model": repr(model_config), "attention": resolve_impl(attention_impl),
-                       "dtype": jnp.dtype(dtype).name},
-            check=lambda executable, t, s: self._run_once(
-                executable, batch_shapes(t, s, self.pages_per_seq),
-                lambda: make_kv_pool(model_config, cache, dtype)),
         )
         self.startup_seconds = time.perf_counter() - start
-        loaded = f" ({self.store.loaded} loaded from {self.store.directory})" if (
-            self.store and self.store.loaded) else ""
-        log.info("compiled %d bucket executables in %.1f s%s", len(self.executables),
-                 self.startup_seconds, loaded)
-
-    def _run_once(self, executable, batch: RaggedBatch, fresh_pool) -> None:
-        """Run a loaded executable on a bucket of padding (it also warms it up). Its
-        tokens write to slot 0, which no sequence reads before writing it itself. On
-        failure the pool, donated to the failed call, is made anew."""
-        try:
-            tokens, self.kv_cache = executable(self.params, self.kv_cache, batch)
-            np.asarray(tokens)
-        except Exception:
-            self.kv_cache = fresh_pool()
-            raise
+        log.info("compiled %d bucket executables in %.1f s", len(self.executables),
+                 self.startup_seconds)
 
     def run(self, batch: RaggedBatch) -> np.ndarray:
         """Execute one step; returns the sampled token of each bucket row (padding included)."""

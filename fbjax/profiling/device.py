@@ -5,7 +5,6 @@ See :mod:`fbjax.profiling.store` for what the keys mean and how they are matched
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import re
@@ -41,15 +40,13 @@ def device_detail() -> dict[str, Any]:
     detail: dict[str, Any] = {"platform": device.platform, "device_kind": device.device_kind,
                               "num_devices": jax.device_count()}
     if device.platform == "cpu":
-        detail["cpu"] = cpu_model_name()
+        detail["cpu"] = _cpu_model_name()
         detail["cores"] = os.cpu_count()
         detail["machine"] = platform.machine()
     return detail
 
 
-@functools.cache
-def cpu_model_name() -> str:
-    """The CPU model (/proc/cpuinfo), else what ``platform`` knows."""
+def _cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -50,25 +50,27 @@ def test_cpu_ffi_generates_what_the_reference_generates(builtin_model):
 
 _CHILD = """
 import json, sys
+import jax
 from fbjax.config import BucketConfig, CacheConfig
 from fbjax.engine.engine import LLMEngine
 from fbjax.sched.request import SamplingParams
 from tests.conftest import engine_config
 
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 config = engine_config(attention_impl="cpu_ffi", compilation_cache_dir=sys.argv[1],
                        buckets=BucketConfig((16, 32), (4,)), cache=CacheConfig(16, 64),
                        max_model_len=128)
 engine = LLMEngine(config)
 out = engine.generate(json.loads(sys.argv[2]),
                       SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-print(json.dumps({"tokens": [o.token_ids for o in out], "loaded": engine.runner.store.loaded,
-                  "compiled": engine.runner.store.compiled}))
+print(json.dumps({"tokens": [o.token_ids for o in out], "cache_hits": len(hits)}))
 """
 
 
 def test_persistent_compilation_cache_in_fresh_processes(tmp_path):
-    """The second process loads every bucket's executable from the store beside the
-    compilation cache (no tracing, no compiling) and generates the same."""
+    """The second process loads every bucket from the cache and generates the same."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     runs = []
     for _ in range(2):
@@ -78,7 +80,6 @@ def test_persistent_compilation_cache_in_fresh_processes(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     first, second = runs
-    assert (first["compiled"], first["loaded"]) == (2, 0)
-    assert (second["compiled"], second["loaded"]) == (0, 2)  # both buckets from disk
+    # (small helper computations hit the cache within the first process already)
+    assert second["cache_hits"] >= first["cache_hits"] + 2  # both buckets from the cache
     assert second["tokens"] == first["tokens"]
-    assert len(list((tmp_path / "jax-cache" / "executables").glob("*.pkl"))) == 2
