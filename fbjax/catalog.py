@@ -65,6 +65,15 @@ PACKAGED_MODELS = {SMOLLM2.name: SMOLLM2, "smollm2": SMOLLM2}
 KNOWN_MODELS = (DEFAULT_MODEL, "smollm2", BUILTIN_MODEL)
 
 
+def packaged_model(model: str | Path) -> PackagedModel | None:
+    """The packaged model ``model`` names, unless it is a path that exists (a local
+    folder that happens to carry a known name is that folder)."""
+    packaged = PACKAGED_MODELS.get(str(model).lower())
+    if packaged is None or Path(str(model)).expanduser().exists():
+        return None
+    return packaged
+
+
 def resolve_model(model: str | Path | None) -> str | None:
     """What to load for ``model``: ``None`` for the built-in model (``None`` or
     ``builtin-tiny``), the file of a packaged model's name, else ``model`` itself (a
@@ -75,8 +84,8 @@ def resolve_model(model: str | Path | None) -> str | None:
     text = str(model)
     if text == BUILTIN_MODEL:
         return None
-    packaged = PACKAGED_MODELS.get(text.lower())
-    if packaged is not None and not Path(text).expanduser().exists():
+    packaged = packaged_model(text)
+    if packaged is not None:
         return str(packaged.path())
     if not Path(text).expanduser().exists() and "/" not in text and "." not in text:
         raise ConfigError(f"unknown model {text!r}: give a known name "

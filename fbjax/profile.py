@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from tqdm import tqdm
 
 from fbjax import cli_flags
 from fbjax.cli_flags import engine_config_from_flags
@@ -73,12 +72,7 @@ def main(argv: list[str]) -> int:
           f"{settings.points_per_bucket} grid points each x ({settings.warmup} warm-up + "
           f"{settings.repeats} timed)", file=sys.stderr)
     try:
-        with tqdm(desc="measuring", unit="run", file=sys.stderr) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            rec = record_profile(engine, settings, "python -m fbjax.profile", progress)
+        rec = record_profile(engine, settings, "python -m fbjax.profile")
     except ProfileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
-from tqdm import tqdm
 
 from fbjax.config import EngineConfig, SchedulerConfig
 from fbjax.engine.batch import build_batch
@@ -122,6 +121,7 @@ class LLMEngine:
         self.profile_path: Path | None = None
         self._profile_pending = False
         if needs_latency_model(sched.policy) or sched.profile:
+            warnings: list[str] = []
             try:
                 self.latency, self.profile_path, warnings = load_engine_profile(
                     sched.profile, device=self.device_key, model=self.model_key,
@@ -135,10 +135,8 @@ class LLMEngine:
                     # then a placeholder policy that needs no profile.
                     self._profile_pending = True
                     sched = dataclasses.replace(sched, policy="vllm", profile=None)
-                    warnings = []
                 else:
                     self.latency, self.profile_path = self._measure_profile()
-                    warnings = []
             for warning in warnings:
                 log.warning(warning)
         limits = StepLimits.from_buckets(config.buckets, sched.max_num_batched_tokens,
@@ -153,14 +151,8 @@ class LLMEngine:
                     "(at most ~%.0f s; `%s` records a finer one)", self.model_key,
                     self.device_key, settings.time_limit_s,
                     profile_command(self.config.model, self.config.buckets))
-        with tqdm(desc="profiling buckets", unit="run", disable=not self.config.show_progress,
-                  total=None) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            recording = measure_module.record_profile(self, settings, "auto (engine start-up)",
-                                                      progress)
+        recording = measure_module.record_profile(self, settings, "auto (engine start-up)",
+                                                  self.config.show_progress)
         path = default_profile_path(self.device_key, self.model_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         recording.model.save(path)

@@ -20,9 +20,12 @@ import datetime
 import math
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from tqdm import tqdm
 
 from fbjax.config import BucketConfig
 from fbjax.profiling.device import current_device_key, device_detail
@@ -215,7 +218,8 @@ def measure(engine, points: Sequence[GridPoint], *, warmup: int = 1, repeats: in
             if (time_limit_s is not None and time.monotonic() - start > time_limit_s
                     and (rep > 0 or per_bucket.get(point.bucket, 0) >= min_per_bucket)):
                 continue
-            per_bucket[point.bucket] = per_bucket.get(point.bucket, 0) + (rep == 0)
+            if rep == 0:
+                per_bucket[point.bucket] = per_bucket.get(point.bucket, 0) + 1
             plan = make_plan(engine, point)
             try:
                 for _ in range(warmup if rep == 0 else 0):
@@ -329,19 +333,24 @@ class Recording:
 
 
 def record_profile(engine, settings: GridSettings, source: str,
-                   progress: Callable[[int, int], None] | None = None) -> Recording:
-    """Measure ``engine``'s compiled buckets over the grid ``settings`` describes and fit
-    its latency profile (metadata: provenance, grid, held-out error). The one path both
-    ``python -m fbjax.profile`` and the engine's automatic profile take."""
+                   show_progress: bool = True) -> Recording:
+    """Measure ``engine``'s compiled buckets over the grid ``settings`` describes (with a
+    progress bar of timed runs on stderr) and fit its latency profile (metadata:
+    provenance, grid, held-out error). The one path both ``python -m fbjax.profile`` and
+    the engine's automatic profile take."""
     config = engine.config
     points = profile_grid(config.buckets, settings.points_per_bucket,
                           max_context=engine.max_model_len - 1,
                           max_kv_tokens=engine.kv.capacity_tokens,
                           page_size=engine.kv.page_size, seed=settings.seed)
     start = time.monotonic()
-    measurements = measure(engine, points, warmup=settings.warmup, repeats=settings.repeats,
-                           statistic=settings.statistic, time_limit_s=settings.time_limit_s,
-                           progress=progress, min_per_bucket=MIN_POINTS)
+    with tqdm(total=len(points) * settings.repeats, desc="measuring step times", unit="run",
+              file=sys.stderr, disable=not show_progress) as bar:
+        measurements = measure(engine, points, warmup=settings.warmup,
+                               repeats=settings.repeats, statistic=settings.statistic,
+                               time_limit_s=settings.time_limit_s,
+                               progress=lambda done, total: bar.update(done - bar.n),
+                               min_per_bucket=MIN_POINTS)
     elapsed = time.monotonic() - start
     meta = engine_metadata(engine)
     meta["source"] = source

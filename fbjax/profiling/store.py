@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fbjax.catalog import BUILTIN_MODEL, PACKAGED_MODELS
+from fbjax.catalog import BUILTIN_MODEL, packaged_model
 from fbjax.config import BucketConfig
 from fbjax.resources import PACKAGED_PROFILES_DIR
 from fbjax.sched.latency import LatencyModel
@@ -66,8 +66,8 @@ def model_key(model: str | None) -> str:
     ``smollm2-135m-instruct.q4-1.gguf``)."""
     if model is None or str(model) == BUILTIN_MODEL:
         return BUILTIN_MODEL_KEY
-    packaged = PACKAGED_MODELS.get(str(model).lower())
-    if packaged is not None and not Path(str(model)).expanduser().exists():
+    packaged = packaged_model(model)
+    if packaged is not None:
         name = packaged.filename
     else:
         name = Path(os.path.expanduser(str(model))).resolve().name
@@ -228,8 +228,8 @@ def load_engine_profile(profile: str | Path | None, *, device: str, model: str,
     the engine's ``--model``, for the commands the errors suggest."""
     if profile is None:
         path = find_profile(device, model)
-        looked = ", ".join(str(d) for d in profile_dirs())
         if path is None:
+            looked = ", ".join(str(d) for d in profile_dirs())
             raise ProfileNotFound(
                 f"the fairbatching scheduler needs a latency profile and there is none for "
                 f"device {device!r} and model {model!r} (looked for {device}-{model}.json in "
