@@ -44,3 +44,17 @@ def engine(builtin_model):
     from fbjax.engine.engine import LLMEngine
 
     return LLMEngine(engine_config(), loaded=builtin_model)
+
+
+# Under pytest-xdist (``-n``) tests are spread over workers by group: one group per
+# module, so a module's fixtures (a server process, a compiled engine) are built once,
+# except the kernel conformance suite, whose cases are independent and numerous enough
+# to be spread one by one.
+SPREAD_MODULES = {"tests.kernels.test_conformance"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__ if item.module else item.nodeid
+        if module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
