@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fbjax.config import EngineConfig, SchedulerConfig
 from fbjax.engine.batch import build_batch
-from fbjax.engine.buckets import enable_compilation_cache
+from fbjax.engine.buckets import enable_compilation_cache, steps_dir
 from fbjax.engine.runner import ModelRunner
 from fbjax.model.weights import LoadedModel, load_model
 from fbjax.profiling import measure as measure_module
@@ -92,7 +92,8 @@ class LLMEngine:
         self.use_scheduler(sched)  # before compiling: a bad profile fails fast
         self.runner = ModelRunner(mc, self.loaded.params, config.cache, config.buckets,
                                   self.max_model_len, config.attention_impl, dtype,
-                                  config.show_progress, config.tensor_parallel)
+                                  config.show_progress, config.tensor_parallel,
+                                  export_dir=steps_dir(config.compilation_cache_dir))
         if self._profile_pending:  # measured on the compiled buckets
             self.use_scheduler(sched)
         self._ids = itertools.count()

@@ -13,13 +13,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fbjax_kernels.ragged_paged_attention import get_attention
+from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention
 
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
 from fbjax.engine.buckets import CompiledBuckets
 from fbjax.engine.sampling import sample_tokens
 from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
+from fbjax.engine.step_export import StepExporter
 from fbjax.model.llama import KVCache, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, params, cache: CacheConfig,
                  buckets: BucketConfig, max_model_len: int, attention_impl: str = "auto",
                  dtype=jnp.float32, show_progress: bool = True,
-                 tensor_parallel: int = 1) -> None:
+                 tensor_parallel: int = 1, export_dir: str | None = None) -> None:
         self.model_config = model_config
         self.pages_per_seq = -(-max_model_len // cache.page_size)
         self.model = LlamaForCausalLM(model_config, get_attention(attention_impl), dtype)
@@ -64,14 +65,21 @@ class ModelRunner:
             params = jax.device_put(params, param_shardings(params, self.mesh))
             self.kv_cache = jax.device_put(self.kv_cache, kv_pool_sharding(self.mesh))
         self.params = params
+        step = make_step_fn(self.model)
+        # Exported steps carry no sharding here, so a tensor-parallel runner traces.
+        exporter = None
+        if export_dir is not None and self.mesh is None:
+            exporter = StepExporter(export_dir, step, "step", custom_calls=[
+                cpu_ffi.target_name(isa) for isa in cpu_ffi.supported_isas()])
         start = time.perf_counter()
         self.executables = CompiledBuckets.compile(
-            make_step_fn(self.model),
+            step,
             buckets,
             example_args=lambda t, s: (params, self.kv_cache,
                                        batch_shapes(t, s, self.pages_per_seq)),
             donate_argnums=(1,),
             show_progress=show_progress,
+            exporter=exporter,
         )
         self.startup_seconds = time.perf_counter() - start
         log.info("compiled %d bucket executables in %.1f s", len(self.executables),
