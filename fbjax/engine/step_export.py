@@ -113,6 +113,9 @@ class StepExporter:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            log.warning("cannot read the stored step %s (%s)", path, e)
+            return None
         try:
             return export.deserialize(bytearray(data))
         except Exception as e:  # noqa: BLE001 - a damaged entry is rebuilt
@@ -120,8 +123,16 @@ class StepExporter:
             return None
 
     def _store(self, path: Path, exported) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "wb") as out:
-            out.write(exported.serialize())
-        os.replace(tmp, path)  # atomic: concurrent starts never read half a file
+        """Write atomically (concurrent starts never read half a file); a store that
+        cannot be written costs the next start its trace, not this one its start."""
+        tmp = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as out:
+                out.write(exported.serialize())
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot store the exported step in %s (%s)", self.directory, e)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)

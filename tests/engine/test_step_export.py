@@ -102,3 +102,13 @@ def test_an_unnamed_custom_call_is_traced_instead(tmp_path, caplog):
     np.testing.assert_array_equal(named.load_or_export(batch.args)(*batch.args),
                                   attention(*batch.args))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_unwritable_store_still_runs(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the directory should be
+    exporter = StepExporter(blocker / "steps", lambda x: x + 1, "f")
+    with caplog.at_level(logging.WARNING, logger="fbjax.engine.step_export"):
+        call = exporter.load_or_export((jnp.zeros(2),))
+    np.testing.assert_array_equal(call(jnp.zeros(2)), [1.0, 1.0])
+    assert "cannot store" in caplog.text
