@@ -240,22 +240,31 @@ def leaks(url: str, replicas: list[str]) -> str:
 
 
 async def fault_phase(url: str, fault_file: Path, tally: Tally) -> None:
-    """Streams in flight when one engine step fails: each ends with an error event."""
+    """Streams in flight when one engine step fails: each ends with an error event.
+    The fault is injected once every stream has its first token (not after a fixed
+    sleep, which a fast engine outlives), so it meets all of them mid-stream."""
     async with httpx.AsyncClient(timeout=120) as client:
+        started = [asyncio.Event() for _ in range(4)]
+
         async def long_stream(i: int) -> None:
             tally.sent += 1
-            async with client.stream("POST", url + "/v1/completions", json={
-                    "prompt": f"fault {i}", "max_tokens": 200, "ignore_eos": True,
-                    "stream": True}) as r:
-                if r.status_code != 200:
-                    count(tally, r.status_code)
-                    return
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {") and '"error"' in line:
-                        tally.stream_errors += 1
+            try:
+                async with client.stream("POST", url + "/v1/completions", json={
+                        "prompt": f"fault {i}", "max_tokens": 200, "ignore_eos": True,
+                        "stream": True}) as r:
+                    if r.status_code != 200:
+                        count(tally, r.status_code)
+                        return
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            started[i].set()
+                            if '"error"' in line:
+                                tally.stream_errors += 1
+            finally:
+                started[i].set()  # never leave the injector waiting
 
         tasks = [asyncio.create_task(long_stream(i)) for i in range(4)]
-        await asyncio.sleep(1.5)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
         fault_file.write_text("step")
         await asyncio.gather(*tasks)
 
