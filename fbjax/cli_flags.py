@@ -12,7 +12,8 @@ flags.DEFINE_string("model", DEFAULT_MODEL, "A .gguf file, a local Hugging Face 
                     f"{BUILTIN_MODEL} is a random test model).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                   "Weights, activations and KV cache dtype.")
-flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, fairbatching.")
+flags.DEFINE_string("scheduler", "vllm", "Scheduling policy: vllm, sarathi, sarathi-edf "
+                    "(Sarathi with prompts in TTFT-deadline order), fairbatching.")
 flags.DEFINE_string("profile", None, "Latency profile (a path, or a name among the known "
                     "profiles); fairbatching defaults to <device>-<model>.json.")
 flags.DEFINE_bool("auto_profile", True, "Without a latency profile for this device, model "

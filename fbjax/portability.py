@@ -93,7 +93,7 @@ def study(name: str, profile: Profile, trace_name: str, duration_s: float, tol: 
     fb = build_scheduler(specs["fairbatching"], profile)
     caps = {n: capacity(trace, s, profile, setting.slo, tol=tol, lo=0.05, hi=1.0).rate_scale
             for n, s in specs.items() if n.startswith(("sarathi", "fairbatching"))}
-    oracle = max((n for n in caps if n.startswith("sarathi")), key=caps.get)
+    oracle = max((n for n in caps if specs[n].policy == "sarathi"), key=caps.get)
     meta = profile.latency.metadata
     return {
         "profile": name, "device": meta.get("device"), "model": meta.get("model"),

@@ -8,7 +8,9 @@ policy's capacity (highest rate scale with >= 99% of requests meeting both SLOs,
 bisection), then compares everyone at Sarathi-as-deployed's capacity: P50/P99 TTFT,
 TPOT attainment in the vLLM view and in the envelope view. Baselines: Sarathi as
 deployed (largest bucket whose worst-case step meets the TPOT SLO), Sarathi oracle (best
-capacity over budgets 256/512/1024/2048), vLLM-style with a 2048-token budget. Ablations:
+capacity over the budgets of ``protocol.ORACLE_BUDGETS``, 128 to 4096), Sarathi with
+deadline-ordered admission at the oracle's budget (EDF's share of the gain), vLLM-style
+with vLLM's own defaults for the profile's device (``protocol.vllm_defaults``). Ablations:
 FairBatching without adaptive capacity (fixed token budget = Sarathi's), without fair
 formation (decode-first), with the envelope anchored at arrival, without the
 decode stall cap (``max_decode_stall_tpots``), and with prefills always by deadline
@@ -34,14 +36,15 @@ from fbjax.sim.experiment import capacity, simulate  # noqa: E402
 from fbjax.sim.instance import PolicySpec  # noqa: E402
 from fbjax.sim.protocol import (  # noqa: E402
     IDEAL_ORDERS,
-    VLLM_BUDGET,
     Setting,
     ideal_capacity,
     ideal_ttft_percentile,
     policy_specs,
     protocol_trace,
+    sarathi_edf_spec,
     setting_for,
     unloaded_ttft_floor,
+    vllm_label,
 )
 
 FLAGS = flags.FLAGS
@@ -90,11 +93,19 @@ def main(argv):
                                            lo=0.05, hi=1.0).rate_scale
                 print(f"  capacity {spec.name:28s} {caps[spec.name]:.3f}  "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
-            oracle = max((n for n in caps if n.startswith("sarathi")), key=caps.get)
+            oracle_spec = max((s for s in specs(setting) if s.policy == "sarathi"),
+                              key=lambda s: caps[s.name])
+            oracle = oracle_spec.name
+            edf = sarathi_edf_spec(setting, oracle_spec.token_budget)
+            start = time.perf_counter()
+            caps[edf.name] = capacity(trace, edf, profile, slo, tol=FLAGS.tol, lo=0.05,
+                                      hi=1.0).rate_scale
+            print(f"  capacity {edf.name:28s} {caps[edf.name]:.3f}  "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
             ref_name = f"sarathi-deployed({deployed})"
             at = caps[ref_name] or 0.05
             rows = []
-            for spec in specs(setting):
+            for spec in [*specs(setting), edf]:
                 o = simulate(trace, spec, profile, slo, rate_scale=at)
                 s = o.summary
                 rows.append({"policy": spec.name, "capacity": caps[spec.name],
@@ -118,7 +129,7 @@ def main(argv):
                 return f"{a / b - 1:+.1%}" if b else "n/a (baseline capacity 0)"
 
             fb_cap = caps["fairbatching"]
-            vllm = caps.get(f"vllm-{VLLM_BUDGET}")
+            vllm = caps.get(vllm_label(setting))
             floor_ms = unloaded_ttft_floor(profile, trace) * 1e3
             print(f"  P99 TTFT floor (every request alone): {floor_ms:.0f} ms, so no policy "
                   f"can cut Sarathi deployed's P99 by more than "
@@ -135,7 +146,8 @@ def main(argv):
                   f"of it, Sarathi deployed {caps[ref_name] / ideal:.0%}")
             print(f"  FairBatching: P99 TTFT {base['p99_ttft_ms'] / fb['p99_ttft_ms']:.2f}x "
                   f"lower than Sarathi deployed; capacity {gain(fb_cap, caps[ref_name])} vs "
-                  f"deployed, {gain(fb_cap, caps[oracle])} vs oracle ({oracle})"
+                  f"deployed, {gain(fb_cap, caps[oracle])} vs oracle ({oracle}), "
+                  f"{gain(fb_cap, caps[edf.name])} vs {edf.name}"
                   + (f", {gain(fb_cap, vllm)} vs vLLM" if vllm is not None else ""),
                   flush=True)
             report["runs"].append({"trace": trace_name, "setting": setting_name,

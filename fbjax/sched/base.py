@@ -279,14 +279,22 @@ class Scheduler(abc.ABC):
 
     def admit_waiting_fcfs(self, chunks: list[ScheduledChunk], budget: int,
                            now: float) -> None:
-        """Admit waiting requests first-come-first-served into ``chunks``, each chunked
-        to the tokens left; stop at the first the step or the KV pool cannot hold (no
-        skipping ahead, so a long prompt is never starved by shorter later ones)."""
+        """Admit waiting requests first-come-first-served (see ``admit_in_order``)."""
         waiting = self.waiting
+        self.admit_in_order(chunks, budget, now, lambda: waiting[0] if waiting else None)
+
+    def admit_in_order(self, chunks: list[ScheduledChunk], budget: int, now: float,
+                       head: Callable[[], Request | None]) -> None:
+        """Admit ``head()`` (the next waiting request in the policy's order, None when
+        none is left) into ``chunks``, each chunked to the tokens left; stop at the first
+        the step or the KV pool cannot hold (no skipping ahead, so a long prompt is never
+        starved by shorter later ones)."""
         max_seqs = self.limits.max_num_seqs
-        # Each pass admits the head of the queue or stops, so the head is the next one.
-        while waiting and budget > 0 and len(chunks) < max_seqs:
-            request = waiting[0]
+        # Each pass admits the head or stops, so ``head()`` is the next one.
+        while budget > 0 and len(chunks) < max_seqs:
+            request = head()
+            if request is None:
+                break
             self.take_cached_prefix(request)
             num = min(request.num_remaining, budget)
             if not self.kv.ensure(request.request_id, request.num_computed_tokens + num):

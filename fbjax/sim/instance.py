@@ -80,10 +80,11 @@ def deployed_chunk_size(latency: LatencyModel, buckets: BucketConfig, tpot_slo_s
 class PolicySpec:
     """A policy and its knobs, as a benchmark row names it."""
 
-    policy: str  # vllm | sarathi | fairbatching
+    policy: str  # vllm | sarathi | sarathi-edf | fairbatching
     token_budget: int | None = None  # vllm / sarathi chunk size
     max_seqs: int | None = None
     fairbatching: FairBatchingConfig | None = None
+    ttft_slo_s: float | None = None  # sarathi-edf: deadline of requests without their own
     label: str | None = None
     prefix_caching: bool = False  # the instance reuses cached prompt prefixes
 
@@ -100,11 +101,11 @@ def build_scheduler(spec: PolicySpec, profile: Profile,
     capacity = kv_capacity_tokens or profile.kv_capacity_tokens
     kv = KVCacheManager(max(1, capacity // profile.page_size), profile.page_size,
                         spec.prefix_caching)
-    if spec.policy == "sarathi":
+    if spec.policy in ("sarathi", "sarathi-edf"):
         budget = spec.token_budget or DEFAULT_CHUNK_SIZE
         limits = StepLimits.from_buckets(profile.buckets, budget,
                                          spec.max_seqs or DEFAULT_MAX_SEQS)
     else:
         limits = StepLimits.from_buckets(profile.buckets, spec.token_budget, spec.max_seqs)
     return make_scheduler(spec.policy, limits, kv, latency=profile.latency,
-                          fairbatching=spec.fairbatching)
+                          fairbatching=spec.fairbatching, ttft_slo_s=spec.ttft_slo_s)

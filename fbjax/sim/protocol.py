@@ -33,9 +33,16 @@ from fbjax.traces import Trace, TraceError, load_trace
 
 # (TTFT multiple, TPOT multiple) of the unloaded latencies.
 SLO_SETTINGS = {"strict": (10.0, 4.0), "relaxed": (25.0, 8.0)}
-# Sarathi oracle candidates and the vLLM-style baseline's token budget.
-ORACLE_BUDGETS = (256, 512, 1024, 2048)
-VLLM_BUDGET = 2048
+# The Sarathi oracle is the hindsight-best fixed budget on this ladder: every token
+# bucket of the GPU profiles from 128 to 4096, so no budget pads to a larger step.
+ORACLE_BUDGETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# vLLM's own defaults for its OpenAI server (vllm/engine/arg_utils.py,
+# EngineArgs.get_batch_defaults, UsageContext.OPENAI_API_SERVER): max_num_batched_tokens
+# 8192 and max_num_seqs 1024 on GPUs of >= 70 GiB other than the A100 (H100, H200,
+# MI300X), else 2048 and 256.
+VLLM_DEFAULTS_LARGE_GPU = (8192, 1024)
+VLLM_DEFAULTS = (2048, 256)
+LARGE_GPUS = ("h100", "h200", "mi300")
 # A length-only trace (no timestamps) gets Poisson arrivals at this base rate; the
 # experiments then scale the rate as for any trace.
 LENGTHS_ONLY_RATE = 1.0
@@ -53,6 +60,7 @@ class Setting:
     unloaded_ttft_s: float  # of the trace's median prompt
     unloaded_tpot_s: float  # at its median context
     deployed_budget: int  # Sarathi as deployed
+    vllm_defaults: tuple[int, int] = VLLM_DEFAULTS  # (token budget, max seqs) on its device
 
     def describe(self) -> str:
         return (f"{self.name}: {self.slo.describe()} (unloaded TTFT "
@@ -172,7 +180,13 @@ def setting_for(name: str, profile: Profile, trace: Trace) -> Setting:
     slo = SLO(k_ttft * ttft0, k_tpot * tpot0, ttft_prefill_multiple=k_ttft)
     context = int(np.percentile(trace.prompt_lens, 90))
     deployed = deployed_chunk_size(profile.latency, profile.buckets, slo.tpot_s, context)
-    return Setting(name, slo, ttft0, tpot0, deployed)
+    return Setting(name, slo, ttft0, tpot0, deployed, vllm_defaults(profile))
+
+
+def vllm_defaults(profile: Profile) -> tuple[int, int]:
+    """vLLM's default (max_num_batched_tokens, max_num_seqs) on the profile's device."""
+    device = str(profile.latency.metadata.get("device", "")).lower()
+    return VLLM_DEFAULTS_LARGE_GPU if device.startswith(LARGE_GPUS) else VLLM_DEFAULTS
 
 
 def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = True
@@ -180,14 +194,16 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
     """The rows every experiment compares: Sarathi as deployed (first), the Sarathi
     oracle's other budgets, vLLM-style chunked prefill, FairBatching, and its ablations
     (without adaptive capacity, without fair formation, envelope anchored at arrival,
-    without the decode stall cap)."""
+    without the decode stall cap, EDF order only). vLLM runs with its own defaults for
+    the profile's device (``vllm_defaults``)."""
     slo, deployed = setting.slo, setting.deployed_budget
     fb = FairBatchingConfig(ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s)
     out = [PolicySpec("sarathi", token_budget=deployed, label=f"sarathi-deployed({deployed})")]
     if oracle:
         out += [PolicySpec("sarathi", token_budget=b, label=f"sarathi-{b}")
                 for b in ORACLE_BUDGETS if b != deployed]
-    out += [PolicySpec("vllm", token_budget=VLLM_BUDGET, label=f"vllm-{VLLM_BUDGET}"),
+    budget, seqs = setting.vllm_defaults
+    out += [PolicySpec("vllm", token_budget=budget, max_seqs=seqs, label=vllm_label(setting)),
             PolicySpec("fairbatching", fairbatching=fb, label="fairbatching")]
     if ablations:
         out += [
@@ -203,3 +219,14 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
                        fairbatching=dataclasses.replace(fb, fcfs_headroom=None)),
         ]
     return out
+
+
+def vllm_label(setting: Setting) -> str:
+    return f"vllm-default({setting.vllm_defaults[0]})"
+
+
+def sarathi_edf_spec(setting: Setting, budget: int) -> PolicySpec:
+    """Sarathi with prompts in TTFT-deadline order at ``budget`` (the oracle's): how much
+    of FairBatching's gain deadline order alone buys, apart from its step formation."""
+    return PolicySpec("sarathi-edf", token_budget=budget, label=f"sarathi-edf-{budget}",
+                      ttft_slo_s=setting.slo.ttft_s)
