@@ -8,6 +8,8 @@ Pure Python + NumPy (no JAX). Definitions (docs/architecture.md, "Metrics"):
 * A request meets its SLO when TTFT <= ttft_slo and TPOT <= tpot_slo (a one-token output
   is judged on TTFT only). Per-request SLOs override the global ones; a criterion with
   no SLO at all is not checked. A request that produced no token misses.
+* Token-stall view (Sarathi-Serve's): with a ``tbt_slo``, a request also needs the 99th
+  percentile of its own inter-token gaps within it (a one-token output passes).
 * Envelope view (the paper's): token j (0-based) by ``arrival + ttft_slo + j * tpot_slo``;
   with ``anchor="first_token"`` decode deadlines are ``first + j * tpot_slo`` instead.
 * SLO attainment = share of requests that meet it; goodput = those requests / duration.
@@ -103,9 +105,20 @@ class RequestMetrics:
         tpot = self.tpot
         return slo is None or tpot is None or tpot <= slo + SLO_EPS
 
-    def meets_slo(self, ttft_slo: float | None = None, tpot_slo: float | None = None) -> bool:
-        """vLLM view: TTFT <= slo and TPOT <= slo (per-request SLOs override these)."""
-        return self.meets_ttft(ttft_slo) and self.meets_tpot(tpot_slo)
+    def meets_tbt(self, tbt_slo: float | None) -> bool:
+        """P99 of this request's inter-token gaps <= ``tbt_slo`` (None: not checked)."""
+        if not self.token_times:
+            return False
+        if tbt_slo is None or len(self.token_times) < 2:
+            return True
+        return float(np.percentile(np.diff(self.token_times), 99)) <= tbt_slo + SLO_EPS
+
+    def meets_slo(self, ttft_slo: float | None = None, tpot_slo: float | None = None,
+                  tbt_slo: float | None = None) -> bool:
+        """vLLM view: TTFT <= slo and TPOT <= slo (per-request SLOs override these), and
+        with ``tbt_slo`` the token-stall view too."""
+        return (self.meets_ttft(ttft_slo) and self.meets_tpot(tpot_slo)
+                and self.meets_tbt(tbt_slo))
 
     def meets_envelope(self, ttft_slo: float | None = None, tpot_slo: float | None = None,
                        anchor: str = "arrival") -> bool:
@@ -200,6 +213,8 @@ class BenchmarkSummary:
     envelope_anchor: str
     max_tbt_stall_ms: float
     num_preemptions: int
+    tbt_slo: float | None = None
+    tbt_attainment: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-ready dict with vLLM's key names (``mean_ttft_ms``, ``p99_tpot_ms``...)."""
@@ -222,10 +237,12 @@ class BenchmarkSummary:
 def summarize(records: Sequence[RequestMetrics], duration_s: float,
               ttft_slo: float | None = None, tpot_slo: float | None = None,
               percentiles: Sequence[float] = (50, 90, 99),
-              envelope_anchor: str = "arrival") -> BenchmarkSummary:
+              envelope_anchor: str = "arrival",
+              tbt_slo: float | None = None) -> BenchmarkSummary:
     """Aggregate per-request records over a run of ``duration_s`` seconds.
 
-    SLOs are in seconds (per-request ``ttft_slo``/``tpot_slo`` override these).
+    SLOs are in seconds (per-request ``ttft_slo``/``tpot_slo`` override these); a
+    ``tbt_slo`` (P99 gap per request) joins the SLO when given.
     """
     if not duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
@@ -238,11 +255,14 @@ def summarize(records: Sequence[RequestMetrics], duration_s: float,
     out_tok = sum(r.output_len for r in done)
     itls = [g for r in done for g in r.itls]
 
-    any_slo = (ttft_slo is not None or tpot_slo is not None
+    any_slo = (ttft_slo is not None or tpot_slo is not None or tbt_slo is not None
                or any(r.ttft_slo is not None or r.tpot_slo is not None for r in records))
     n = len(records)
+    tbt_att = None
     if any_slo and n:
-        meets = sum(r.meets_slo(ttft_slo, tpot_slo) for r in records)
+        meets = sum(r.meets_slo(ttft_slo, tpot_slo, tbt_slo) for r in records)
+        if tbt_slo is not None:
+            tbt_att = sum(r.meets_tbt(tbt_slo) for r in records) / n
         attain: float | None = meets / n
         ttft_att: float | None = sum(r.meets_ttft(ttft_slo) for r in records) / n
         tpot_att: float | None = sum(r.meets_tpot(tpot_slo) for r in records) / n
@@ -274,6 +294,8 @@ def summarize(records: Sequence[RequestMetrics], duration_s: float,
         envelope_anchor=envelope_anchor,
         max_tbt_stall_ms=max(itls, default=0.0) * 1000.0,
         num_preemptions=sum(r.num_preemptions for r in records),
+        tbt_slo=tbt_slo,
+        tbt_attainment=tbt_att,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -251,3 +252,20 @@ def test_capacity_search_property(threshold, tol):
     assert res.converged
     assert res.rate_scale <= threshold < res.upper
     assert res.upper - res.rate_scale <= tol * res.upper
+
+
+def test_token_stall_slo_by_hand():
+    # gaps 0.1 x 98, one 0.5 stall, 0.1: P99 of 100 gaps (linear) sits between 0.1 and 0.5
+    times = [1.0 + 0.1 * i for i in range(99)] + [10.8 + 0.5, 11.3 + 0.1]
+    r = RequestMetrics.from_times(0.0, times)
+    p99 = float(np.percentile(np.diff(times), 99))
+    assert 0.1 < p99 < 0.5
+    assert r.meets_tbt(p99) and not r.meets_tbt(p99 - 1e-3)
+    assert r.meets_tbt(None)
+    assert RequestMetrics.from_times(0.0, [3.0]).meets_tbt(0.01)  # one token: no gap
+    assert not RequestMetrics.from_times(0.0, []).meets_tbt(1.0)  # no token: a miss
+    steady = RequestMetrics.from_times(0.0, [1.0 + 0.1 * i for i in range(10)])
+    s = summarize([r, steady], 20.0, ttft_slo=2.0, tpot_slo=0.2, tbt_slo=p99 - 1e-3)
+    # both meet TTFT and mean TPOT; only the steady one meets the stall bound
+    assert s.tpot_attainment == 1.0 and s.tbt_attainment == 0.5 and s.slo_attainment == 0.5
+    assert summarize([r], 20.0, ttft_slo=2.0).tbt_attainment is None

@@ -204,7 +204,8 @@ def replay_engine(engine, trace: Trace, slo: SLO, profile: Profile | None = None
             *slos[rid], rid, c.num_preemptions))
     first = min((r.arrival for r in records), default=0.0)
     summary = summarize(records, max(end - t0 - first, 1e-9), ttft_slo=slo.ttft_s,
-                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor)
+                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor,
+                        tbt_slo=slo.tbt_s)
     share = prefill_decode_share(
         (s.duration, s.prefill_tokens, s.decode_tokens, s.waiting_prefill, s.waiting_decode)
         for s in steps)

@@ -162,7 +162,8 @@ def simulate_cluster(trace: Trace, spec: PolicySpec, routing: str, num_instances
     records = [RequestMetrics.from_request(r) for r in result.requests]
     first = min((r.arrival_time for r in result.requests), default=0.0)
     summary = summarize(records, max(result.end_time - first, 1e-9), ttft_slo=slo.ttft_s,
-                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor)
+                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor,
+                        tbt_slo=slo.tbt_s)
     return ClusterOutcome(f"{spec.name}+{routing}", rate_scale, summary, records, result,
                           skipped)
 

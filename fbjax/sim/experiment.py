@@ -34,18 +34,20 @@ class SLO:
     ttft_s: float
     tpot_s: float
     ttft_prefill_multiple: float | None = None
+    tbt_s: float | None = None  # P99 of each request's inter-token gaps (token stalls)
 
     def describe(self) -> str:
         ttft = f"TTFT <= {self.ttft_s * 1e3:.0f} ms"
         if self.ttft_prefill_multiple:
             ttft = (f"TTFT <= max({self.ttft_s * 1e3:.0f} ms, "
                     f"{self.ttft_prefill_multiple:g} x own unloaded prefill)")
-        return f"{ttft}, TPOT <= {self.tpot_s * 1e3:.0f} ms"
+        tbt = f", P99 TBT <= {self.tbt_s * 1e3:.0f} ms" if self.tbt_s is not None else ""
+        return f"{ttft}, TPOT <= {self.tpot_s * 1e3:.0f} ms{tbt}"
 
     def ttft_for(self, prompt_len: int, profile: Profile) -> float:
         if not self.ttft_prefill_multiple:
             return self.ttft_s
-        own = unloaded_prefill_s(profile.latency, profile.buckets, prompt_len)
+        own = unloaded_prefill_s(profile.latency, profile.buckets, prompt_len, padded=False)
         return max(self.ttft_s, self.ttft_prefill_multiple * own)
 
 
@@ -94,7 +96,8 @@ def simulate(trace: Trace, spec: PolicySpec, profile: Profile, slo: SLO, *,
     first = min((r.arrival_time for r in result.requests), default=0.0)
     # Records carry each request's own SLOs, which override these defaults.
     summary = summarize(records, max(result.end_time - first, 1e-9), ttft_slo=slo.ttft_s,
-                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor)
+                        tpot_slo=slo.tpot_s, envelope_anchor=envelope_anchor,
+                        tbt_slo=slo.tbt_s)
     share = prefill_decode_share(
         (s.duration, s.prefill_tokens, s.decode_tokens, s.waiting_prefill, s.waiting_decode)
         for s in result.steps)

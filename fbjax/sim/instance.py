@@ -7,6 +7,7 @@ simulated instance has the same step shapes and memory as the real one would.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 from fbjax.config import BucketConfig
@@ -20,18 +21,38 @@ from fbjax.sched.sarathi import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SEQS
 
 
 def unloaded_prefill_s(latency: LatencyModel, buckets: BucketConfig, prompt_len: int,
-                       chunk: int | None = None) -> float:
+                       chunk: int | None = None, *, padded: bool = True) -> float:
     """Time to prefill ``prompt_len`` tokens alone on an idle instance, in chunks of
     ``chunk`` tokens (default: the largest bucket). The protocol scales TTFT SLOs by
-    it; the fastest chunking can be quicker (``fastest_unloaded_prefill_s``)."""
+    it, ``padded=False`` (see ``unpadded_step_s``); the fastest chunking can be quicker
+    (``fastest_unloaded_prefill_s``)."""
     chunk = chunk or buckets.max_tokens
     total, done = 0.0, 0
     while done < prompt_len:
         n = min(chunk, prompt_len - done)
         feats = StepFeatures.of_chunks([(n, done + n, False)])
-        total += latency.predict(buckets.pick(n, 1), feats)
+        total += (latency.predict(buckets.pick(n, 1), feats) if padded
+                  else unpadded_step_s(latency, buckets, feats))
         done += n
     return total
+
+
+def unpadded_step_s(latency: LatencyModel, buckets: BucketConfig,
+                    feats: StepFeatures) -> float:
+    """A step's predicted time as if a bucket of exactly its token count existed: the
+    predictions of the buckets either side, interpolated by token count. An SLO scaled
+    from it moves smoothly with the prompt (padded, a 1,032-token prompt's SLO jumps 40%
+    above a 1,012-token one's: the next bucket is 1,536), while a real step still pays
+    its padding, which is the scheduler's cost to bear, not the SLO's."""
+    n, ladder = feats.num_tokens, buckets.token_buckets
+    padded = buckets.pick(n, feats.num_seqs)
+    above = latency.predict(padded, feats)
+    i = bisect.bisect_left(ladder, padded[0])
+    if padded[0] == n or i == 0 or ladder[i - 1] < padded[1]:
+        return above  # no padding, or no smaller bucket holds these sequences
+    lo, hi = ladder[i - 1], padded[0]
+    below = latency.predict((lo, padded[1]), feats)
+    return below + (above - below) * (n - lo) / (hi - lo)
 
 
 def fastest_unloaded_prefill_s(latency: LatencyModel, buckets: BucketConfig,
