@@ -245,7 +245,7 @@ flags.DEFINE_string("out", "docs/results", "Folder for report.md, results.json a
 flags.DEFINE_bool("quick", False, "Short slices, coarse search: minutes, for CI.")
 flags.DEFINE_list("traces", None, "Traces (default: every trace in the traces folder).")
 flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile.")
-flags.DEFINE_string("setting", "strict", "SLO setting: strict or relaxed.")
+flags.DEFINE_string("setting", "strict", "SLO setting of the protocol (fbjax/sim/protocol.py).")
 flags.DEFINE_float("duration_s", None, "Seconds of each trace (default: the mode's).")
 
 

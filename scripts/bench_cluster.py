@@ -35,7 +35,7 @@ flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile.")
 flags.DEFINE_list("instances", ["4", "8"], "Cluster sizes.")
 flags.DEFINE_float("duration_s", 120.0, "Seconds of each trace (from its start); the "
                    "cluster replays it at rate scale x its own rate.")
-flags.DEFINE_string("setting", "strict", "SLO setting (strict or relaxed).")
+flags.DEFINE_string("setting", "strict", "SLO setting of the protocol (fbjax/sim/protocol.py).")
 flags.DEFINE_float("tol", 0.04, "Relative tolerance of the capacity bisection.")
 flags.DEFINE_float("max_hold_s", DEFAULT_MAX_HOLD_S, "Router hold limit (pab).")
 flags.DEFINE_float("poll_interval_s", DEFAULT_POLL_INTERVAL_S, "Router load-poll interval.")

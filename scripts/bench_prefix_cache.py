@@ -40,7 +40,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("trace", "mooncake_fast25_conversation", "Trace with block hashes.")
 flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile (simulator).")
 flags.DEFINE_float("duration_s", 600.0, "Seconds of the trace to replay (from its start).")
-flags.DEFINE_string("setting", "strict", "SLO setting of the protocol (strict, relaxed).")
+flags.DEFINE_string("setting", "strict", "SLO setting of the protocol (fbjax/sim/protocol.py).")
 flags.DEFINE_float("tol", 0.03, "Relative tolerance of the capacity bisection.")
 flags.DEFINE_bool("engine", True, "Also run the shared-prefix workload on the engine.")
 flags.DEFINE_integer("requests", 48, "Engine: requests in the shared-prefix workload.")

@@ -36,6 +36,7 @@ from fbjax.sim.experiment import capacity, simulate  # noqa: E402
 from fbjax.sim.instance import PolicySpec  # noqa: E402
 from fbjax.sim.protocol import (  # noqa: E402
     IDEAL_ORDERS,
+    SLO_SETTINGS,
     Setting,
     ideal_capacity,
     ideal_ttft_percentile,
@@ -52,7 +53,8 @@ flags.DEFINE_list("traces", ["azure_llm_2023_code", "azure_llm_2023_conv",
                              "mooncake_fast25_conversation"], "Traces to replay.")
 flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile.")
 flags.DEFINE_float("duration_s", 600.0, "Seconds of each trace to replay (from its start).")
-flags.DEFINE_list("settings", ["strict", "relaxed"], "SLO settings to run.")
+flags.DEFINE_list("settings", ["uniform-strict", "strict", "stall-strict"],
+                  f"SLO settings to run, of {list(SLO_SETTINGS)} (fbjax/sim/protocol.py).")
 flags.DEFINE_bool("ablations", True, "Also run the FairBatching ablations.")
 flags.DEFINE_float("tol", 0.03, "Relative tolerance of the capacity bisection.")
 flags.DEFINE_string("json", None, "Write all figures here.")
