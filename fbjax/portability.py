@@ -29,11 +29,18 @@ from fbjax.resources import PACKAGED_PROFILES_DIR as PROFILES_DIR
 from fbjax.sched.latency import StepFeatures
 from fbjax.sim.experiment import capacity
 from fbjax.sim.instance import build_scheduler
-from fbjax.sim.protocol import policy_specs, protocol_trace, setting_for
+from fbjax.sim.protocol import (
+    COARSE_ORACLE_BUDGETS,
+    ORACLE_BUDGETS,
+    policy_specs,
+    protocol_trace,
+    setting_for,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "docs/portability", "Folder for report.md, results.json, plots.")
-flags.DEFINE_bool("quick", False, "Short trace slice and coarse capacity search (CI).")
+flags.DEFINE_bool("quick", False, "Short trace slice, coarse capacity search and oracle "
+                  "ladder (CI).")
 flags.DEFINE_bool("measure", False, "Profile this machine's backends now (python -m "
                   "fbjax.profile) instead of using their committed profiles.")
 flags.DEFINE_float("measure_time_limit_s", 300.0, "Time limit of each --measure run.")
@@ -85,10 +92,12 @@ def latency_curves(profile: Profile) -> dict[str, list[tuple[int, float]]]:
 
 
 def study(name: str, profile: Profile, trace_name: str, duration_s: float, tol: float,
-          setting_name: str) -> dict[str, Any]:
+          setting_name: str, oracle_budgets: tuple[int, ...] = ORACLE_BUDGETS
+          ) -> dict[str, Any]:
     trace = protocol_trace(trace_name, duration_s)
     setting = setting_for(setting_name, profile, trace)
-    specs = {s.name: s for s in policy_specs(setting, oracle=True, ablations=False)}
+    specs = {s.name: s for s in policy_specs(setting, oracle=True, ablations=False,
+                                             oracle_budgets=oracle_budgets)}
     deployed = next(iter(specs))
     fb = build_scheduler(specs["fairbatching"], profile)
     caps = {n: capacity(trace, s, profile, setting.slo, tol=tol, lo=0.05, hi=1.0).rate_scale
@@ -174,6 +183,7 @@ def main(argv: list[str]) -> int:
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     duration_s, tol = (60.0, 0.10) if FLAGS.quick else (300.0, 0.03)
+    budgets = COARSE_ORACLE_BUDGETS if FLAGS.quick else ORACLE_BUDGETS
     start = time.perf_counter()
     try:
         protocol_trace(FLAGS.trace, 1.0)  # a bad trace name fails before any work
@@ -184,10 +194,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [study(n, p, FLAGS.trace, duration_s, tol, FLAGS.setting)
+    rows = [study(n, p, FLAGS.trace, duration_s, tol, FLAGS.setting, budgets)
             for n, p in tqdm(profiles.items(), desc="portability", unit="profile")]
     meta = {"command": "python -m fbjax.portability " + shlex.join(sys.argv[1:]),
             "trace": FLAGS.trace, "setting": FLAGS.setting, "duration_s": duration_s,
+            "oracle_budgets": list(budgets),
             "measured_here": sorted(local), "elapsed_s": time.perf_counter() - start}
     write_outputs(rows, meta, out)
     print(f"wrote {out / 'report.md'} ({len(rows)} profiles)")

@@ -49,6 +49,9 @@ SLO_SETTINGS = {(level if kind == "proportional" else f"{kind}-{level}"): (kind,
 # The Sarathi oracle is the hindsight-best fixed budget on this ladder: every token
 # bucket of the GPU profiles from 128 to 4096, so no budget pads to a larger step.
 ORACLE_BUDGETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# A coarser ladder for smoke runs (``--quick`` studies), where the search cost matters
+# more than the last few percent of the oracle's capacity.
+COARSE_ORACLE_BUDGETS = (256, 512, 1024, 2048)
 # vLLM's own defaults for its OpenAI server (vllm/engine/arg_utils.py,
 # EngineArgs.get_batch_defaults, UsageContext.OPENAI_API_SERVER): max_num_batched_tokens
 # 8192 and max_num_seqs 1024 on GPUs of >= 70 GiB other than the A100 (H100, H200,
@@ -205,8 +208,8 @@ def vllm_defaults(profile: Profile) -> tuple[int, int]:
     return VLLM_DEFAULTS_LARGE_GPU if device.startswith(LARGE_GPUS) else VLLM_DEFAULTS
 
 
-def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = True
-                 ) -> list[PolicySpec]:
+def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = True,
+                 oracle_budgets: tuple[int, ...] = ORACLE_BUDGETS) -> list[PolicySpec]:
     """The rows every experiment compares: Sarathi as deployed (first), the Sarathi
     oracle's other budgets, vLLM-style chunked prefill, FairBatching, and its ablations
     (without adaptive capacity, without fair formation, envelope anchored at arrival,
@@ -220,7 +223,7 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
     out = [PolicySpec("sarathi", token_budget=deployed, label=f"sarathi-deployed({deployed})")]
     if oracle:
         out += [PolicySpec("sarathi", token_budget=b, label=f"sarathi-{b}")
-                for b in ORACLE_BUDGETS if b != deployed]
+                for b in oracle_budgets if b != deployed]
     budget, seqs = setting.vllm_defaults
     out += [PolicySpec("vllm", token_budget=budget, max_seqs=seqs, label=vllm_label(setting)),
             PolicySpec("fairbatching", fairbatching=fb, label="fairbatching")]
