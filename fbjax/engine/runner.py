@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention
+from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention, resolve_impl
 
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
@@ -69,7 +69,12 @@ class ModelRunner:
         # Exported steps carry no sharding here, so a tensor-parallel runner traces.
         exporter = None
         if export_dir is not None and self.mesh is None:
-            exporter = StepExporter(export_dir, step, "step", custom_calls=[
+            impl = resolve_impl(attention_impl)
+            if impl == "cpu_ffi":
+                impl = f"cpu_ffi-{cpu_ffi.default_isa()}"
+            # What the step closes over that its argument shapes do not show.
+            context = f"{model_config!r}|{impl}|{jnp.dtype(dtype).name}"
+            exporter = StepExporter(export_dir, step, "step", context=context, custom_calls=[
                 cpu_ffi.target_name(isa) for isa in cpu_ffi.supported_isas()])
         start = time.perf_counter()
         self.executables = CompiledBuckets.compile(

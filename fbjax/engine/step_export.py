@@ -7,10 +7,12 @@ program from JAX's persistent cache. So each bucket's step is exported once
 and only lowers a thin call to it, whose compilation then hits the persistent cache.
 
 An entry is keyed by everything the program depends on: the source of fbjax and of its
-kernels, the jax and jaxlib versions, the backend, and the tree, shapes and dtypes of
-every argument. Anything that cannot be exported (a custom call jax.export refuses, a
-sharded layout) makes the store answer ``None`` with a logged reason, and the caller
-traces as before; a stored file that does not deserialize is replaced.
+kernels, the jax and jaxlib versions, the backend, the tree, shapes and dtypes of every
+argument, and the caller's ``context``: what the function closes over that no shape
+shows (the model's hyperparameters, the attention implementation, the dtype). A step
+that cannot be exported (a custom call jax.export refuses) makes the store answer
+``None`` with a logged reason, and the caller traces as before (as a sharded runner
+always does); a stored file that does not deserialize is replaced.
 """
 
 from __future__ import annotations
@@ -64,15 +66,16 @@ class StepExporter:
     """
 
     def __init__(self, directory: str | os.PathLike, fn: Callable, name: str,
-                 custom_calls: Iterable[str] = ()) -> None:
+                 custom_calls: Iterable[str] = (), context: str = "") -> None:
         self.directory = Path(directory).expanduser()
         self.fn = fn
         self.name = name
+        self.context = context
         self.checks = [export.DisabledSafetyCheck.custom_call(t) for t in custom_calls]
 
     def key(self, args: tuple) -> str:
-        parts = [self.name, jax.__version__, jaxlib.__version__, jax.default_backend(),
-                 source_digest(), _signature(args)]
+        parts = [self.name, self.context, jax.__version__, jaxlib.__version__,
+                 jax.default_backend(), source_digest(), _signature(args)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def load_or_export(self, args: tuple) -> Callable | None:

@@ -112,3 +112,22 @@ def test_an_unwritable_store_still_runs(tmp_path, caplog):
         call = exporter.load_or_export((jnp.zeros(2),))
     np.testing.assert_array_equal(call(jnp.zeros(2)), [1.0, 1.0])
     assert "cannot store" in caplog.text
+
+
+def test_engines_that_differ_only_in_what_no_shape_shows_do_not_share_programs(
+        builtin_model, tmp_path, monkeypatch):
+    """Same shapes, another attention implementation or rope base: each its own entry
+    (sharing one would run the other's program)."""
+    import dataclasses
+
+    from fbjax.model.weights import LoadedModel
+
+    config = engine_config(compilation_cache_dir=str(tmp_path / "jax"), buckets=BUCKETS)
+    exports = count_exports(monkeypatch)
+    LLMEngine(config, loaded=builtin_model)
+    LLMEngine(dataclasses.replace(config, attention_impl="xla"), loaded=builtin_model)
+    other_rope = LoadedModel(dataclasses.replace(builtin_model.config, rope_theta=1234.0),
+                             builtin_model.params, builtin_model.tokenizer)
+    LLMEngine(config, loaded=other_rope)
+    stored = list((tmp_path / "jax" / "fbjax-steps").glob("step-*.exported"))
+    assert len(exports) == len(stored) == 3 * len(BUCKETS.pairs())
