@@ -1,14 +1,20 @@
 """Paper reproduction report: ``python -m fbjax.reproduce --out docs/results [--quick]``.
 
-For each trace and scheduler, the simulator (on a GPU latency profile) finds each
-policy's capacity (highest rate scale with >= 99% of requests meeting both SLOs),
-sweeps the rate around Sarathi-as-deployed's capacity, and replays a small cluster
-with each router. It writes PNG plots (P99 TTFT and TPOT SLO attainment vs rate, the
-TTFT CDF at Sarathi's capacity, node and cluster capacity bars, ablation bars), a
-``results.json`` with every figure, and ``report.md`` whose numbers are all formatted
-from that run's results beside the paper's headline (2.29x lower P99 TTFT, +20.0%
-node capacity, +54.3% cluster capacity). ``--quick`` runs short slices with a coarse
-search, for CI (minutes); the full mode is what docs/results holds.
+For each trace and SLO setting (one TTFT SLO for all, prompt-proportional, token-stall:
+``protocol.SLO_SETTINGS``), the simulator (on a GPU latency profile) finds each
+policy's capacity (highest rate scale with >= 99% of requests meeting its SLOs). The
+baseline of every headline figure is the **Sarathi oracle**: Sarathi-Serve at its
+hindsight-best fixed token budget over ``protocol.ORACLE_BUDGETS``. Beside it, vLLM at
+its own defaults and Sarathi with deadline-ordered admission at the oracle's budget
+(what deadline order alone buys). Sarathi "as deployed" (a worst-case budget) is kept
+as a labelled extra row, never in a headline. The rate is swept around the oracle's
+capacity, where P99 TTFT and P99 time between tokens are compared, and a small cluster
+is replayed with each router. It writes PNG plots (latency vs rate, the TTFT CDF at
+the oracle's capacity, capacities normalized to the oracle), a ``results.json`` with
+every figure, and ``report.md`` whose numbers are all formatted from that run's
+results, beside the paper's headline (2.29x lower P99 TTFT, +20.0% node capacity,
++54.3% cluster capacity). ``--quick`` runs short slices with a coarse search and the
+coarse oracle ladder, for CI (minutes); the full mode is what docs/results holds.
 """
 
 from __future__ import annotations
@@ -27,52 +33,74 @@ from tqdm import tqdm
 from fbjax.profiling.store import Profile, load_profile
 from fbjax.sim.cluster import cluster_capacity
 from fbjax.sim.experiment import capacity, simulate
-from fbjax.sim.protocol import PolicySpec, policy_specs, protocol_trace, setting_for
+from fbjax.sim.protocol import (
+    COARSE_ORACLE_BUDGETS,
+    ORACLE_BUDGETS,
+    SLO_SETTINGS,
+    PolicySpec,
+    policy_specs,
+    protocol_trace,
+    sarathi_edf_spec,
+    setting_for,
+)
 from fbjax.traces import Trace, available_traces
 
-# The paper's headline figures (arXiv 2510.14392), for comparison only.
+# The paper's headline figures (arXiv 2510.14392), for comparison only. Its baseline is
+# Sarathi-Serve at one configured budget, not a hindsight-best one.
 PAPER = {"p99_ttft_reduction_x": 2.29, "node_capacity_gain": 0.200,
          "cluster_capacity_gain": 0.543}
+DEFAULT_SETTINGS = ("uniform-strict", "strict", "stall-strict")
 
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
     duration_s: float  # seconds of each trace, from its start
     tol: float  # relative tolerance of the capacity bisection
-    sweep: tuple[float, ...]  # rates, as fractions of Sarathi-as-deployed's capacity
+    sweep: tuple[float, ...]  # rates, as fractions of the Sarathi oracle's capacity
     cluster_instances: int
-    oracle: bool  # also search the Sarathi oracle's budgets
+    oracle_budgets: tuple[int, ...]  # Sarathi budgets the oracle is the best of
     ablations: bool
 
 
-QUICK = Mode(60.0, 0.10, (0.5, 1.0, 1.5), 2, oracle=False, ablations=True)
-FULL = Mode(600.0, 0.03, (0.5, 0.75, 1.0, 1.25, 1.5), 4, oracle=True, ablations=True)
-CLUSTER_COMBOS = (("sarathi", "round_robin"), ("fairbatching", "least_requests"),
-                  ("fairbatching", "pab"))
+QUICK = Mode(60.0, 0.10, (0.5, 1.0, 1.5), 2, COARSE_ORACLE_BUDGETS, ablations=False)
+FULL = Mode(600.0, 0.03, (0.5, 0.75, 1.0, 1.25, 1.5), 4, ORACLE_BUDGETS, ablations=True)
+# (label, scheduler row, router): the baseline cluster runs the Sarathi oracle.
+CLUSTER_COMBOS = (("sarathi-oracle+round_robin", "oracle", "round_robin"),
+                  ("fairbatching+least_requests", "fairbatching", "least_requests"),
+                  ("fairbatching+pab", "fairbatching", "pab"))
 
 
 def run_trace(name: str, trace: Trace, profile: Profile, setting_name: str, mode: Mode,
               bar: tqdm) -> dict[str, Any]:
-    """Every figure for one trace; ``bar`` advances once per simulation batch."""
+    """Every figure for one trace in one SLO setting; ``bar`` advances once per search
+    or simulation batch."""
     setting = setting_for(setting_name, profile, trace)
     slo = setting.slo
-    specs = policy_specs(setting, oracle=mode.oracle, ablations=mode.ablations)
+    specs = policy_specs(setting, ablations=mode.ablations, oracle_budgets=mode.oracle_budgets)
     caps: dict[str, float] = {}
-    for spec in specs:
+
+    def search(spec: PolicySpec) -> None:
         caps[spec.name] = capacity(trace, spec, profile, slo, tol=mode.tol, lo=0.05,
                                    hi=1.0).rate_scale
         bar.update()
-    deployed, vllm, fb = specs[0], _named(specs, "vllm"), _named(specs, "fairbatching")
-    main = [deployed, vllm, fb]
-    oracle = max((s.name for s in specs if s.policy == "sarathi"), key=caps.get)
-    ref = caps[deployed.name] or 0.05
+
+    for spec in specs:
+        search(spec)
+    sarathi = [s for s in specs if s.policy == "sarathi"]
+    oracle = max(sarathi, key=lambda s: caps[s.name])  # ties: the first (deployed, then ladder)
+    edf = sarathi_edf_spec(setting, oracle.token_budget)
+    search(edf)
+    vllm, fb = _named(specs, "vllm"), _named(specs, "fairbatching")
+    ref = caps[oracle.name] or 0.05
+    by_row = {"oracle": oracle, "fairbatching": fb}
     sweep, cdf = [], {}
     for fraction in mode.sweep:
-        for spec in main:
+        for spec in (oracle, vllm, edf, fb):
             o = simulate(trace, spec, profile, slo, rate_scale=ref * fraction)
             s = o.summary
             sweep.append({"policy": spec.name, "rate_scale": ref * fraction,
                           "p50_ttft_ms": s.ttft.p(50), "p99_ttft_ms": s.ttft.p(99),
+                          "p99_tbt_ms": s.itl.p(99), "max_stall_ms": s.max_tbt_stall_ms,
                           "tpot_attainment": s.tpot_attainment,
                           "slo_attainment": s.slo_attainment})
             if fraction == 1.0:
@@ -81,26 +109,29 @@ def run_trace(name: str, trace: Trace, profile: Profile, setting_name: str, mode
     at_ref = {r["policy"]: r for r in sweep if r["rate_scale"] == ref}
     n = mode.cluster_instances
     cluster = {}
-    for policy, routing in CLUSTER_COMBOS:
-        spec = deployed if policy == "sarathi" else fb
-        cluster[f"{policy}+{routing}"] = cluster_capacity(
-            trace, spec, routing, n, profile, slo, tol=mode.tol, lo=0.05 * n,
-            hi=1.0 * n).rate_scale
+    for label, row, routing in CLUSTER_COMBOS:
+        cluster[label] = cluster_capacity(trace, by_row[row], routing, n, profile, slo,
+                                          tol=mode.tol, lo=0.05 * n, hi=1.0 * n).rate_scale
         bar.update()
-    base_cluster = cluster["sarathi+round_robin"]
+    base, best = at_ref[oracle.name], at_ref[fb.name]
     return {
         "trace": name, "num_requests": len(trace), "mean_rate": trace.mean_rate,
         "setting": setting_name, "slo": setting.slo.describe(),
         "unloaded_ttft_ms": setting.unloaded_ttft_s * 1e3,
         "unloaded_tpot_ms": setting.unloaded_tpot_s * 1e3,
-        "deployed_budget": setting.deployed_budget, "oracle": oracle,
-        "capacity": caps, "sweep": sweep, "ttft_cdf_ms": cdf,
-        "p99_ttft_reduction_x": _ratio(at_ref[deployed.name]["p99_ttft_ms"],
-                                       at_ref[fb.name]["p99_ttft_ms"]),
-        "node_gain_vs_deployed": _gain(caps[fb.name], caps[deployed.name]),
-        "node_gain_vs_oracle": _gain(caps[fb.name], caps[oracle]),
+        "deployed": specs[0].name, "oracle": oracle.name, "vllm": vllm.name,
+        "sarathi_edf": edf.name, "capacity": caps,
+        "capacity_vs_oracle": {p: c / ref for p, c in caps.items()},
+        "sweep": sweep, "ttft_cdf_ms": cdf,
+        "fb_gain_vs_oracle": _gain(caps[fb.name], caps[oracle.name]),
+        "fb_gain_vs_vllm": _gain(caps[fb.name], caps[vllm.name]),
+        "edf_gain_vs_oracle": _gain(caps[edf.name], caps[oracle.name]),
+        "p99_ttft_oracle_ms": base["p99_ttft_ms"], "p99_ttft_fb_ms": best["p99_ttft_ms"],
+        "p99_ttft_reduction_x": _ratio(base["p99_ttft_ms"], best["p99_ttft_ms"]),
+        "p99_tbt_oracle_ms": base["p99_tbt_ms"], "p99_tbt_fb_ms": best["p99_tbt_ms"],
         "cluster_instances": n, "cluster_capacity": cluster,
-        "cluster_gain": _gain(cluster["fairbatching+pab"], base_cluster),
+        "cluster_gain": _gain(cluster["fairbatching+pab"],
+                              cluster["sarathi-oracle+round_robin"]),
     }
 
 
@@ -118,6 +149,10 @@ def _gain(a: float, b: float) -> float | None:
 
 # ----- output ---------------------------------------------------------------------------
 
+def _stem(r: dict[str, Any]) -> str:
+    return f"{r['trace']}-{r['setting']}"
+
+
 def write_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     import matplotlib
 
@@ -133,48 +168,59 @@ def write_plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             rows = [row for row in r["sweep"] if row["policy"] == policy]
             x = [row["rate_scale"] for row in rows]
             axes[0].plot(x, [row["p99_ttft_ms"] for row in rows], "o-", label=policy)
-            axes[1].plot(x, [row["tpot_attainment"] for row in rows], "o-", label=policy)
+            axes[1].plot(x, [row["p99_tbt_ms"] for row in rows], "o-", label=policy)
             ttfts = r["ttft_cdf_ms"].get(policy, [])
             axes[2].plot(ttfts, np.arange(1, len(ttfts) + 1) / max(len(ttfts), 1),
                          label=policy)
         axes[0].set(xlabel="rate scale (x trace rate)", ylabel="P99 TTFT (ms)",
                     yscale="log", title="P99 TTFT vs rate")
-        axes[1].set(xlabel="rate scale (x trace rate)", ylabel="TPOT SLO attainment",
-                    title="TPOT SLO attainment vs rate")
+        axes[1].set(xlabel="rate scale (x trace rate)", ylabel="P99 time between tokens (ms)",
+                    title="P99 TBT vs rate")
         axes[2].set(xlabel="TTFT (ms)", ylabel="CDF", xscale="log",
-                    title="TTFT CDF at Sarathi-deployed capacity")
+                    title="TTFT CDF at the Sarathi oracle's capacity")
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"{r['trace']} ({r['slo']})", fontsize=9)
+        fig.suptitle(f"{r['trace']}, {r['setting']} ({r['slo']})", fontsize=9)
         fig.tight_layout()
-        name = f"{r['trace']}-latency.png"
+        name = f"{_stem(r)}-latency.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         files.append(name)
 
-    traces = [r["trace"] for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, key, title, keep in (
-            (axes[0], "capacity", "node capacity", lambda p: not p.startswith("fb-")),
-            (axes[1], "cluster_capacity", f"cluster capacity ({results[0]['cluster_instances']}"
-             " instances)", lambda p: True),
-            (axes[2], "capacity", "FairBatching ablations",
-             lambda p: p == "fairbatching" or p.startswith("fb-"))):
-        names = list(dict.fromkeys(p for r in results for p in r[key] if keep(p)))
+    cells = [_stem(r) for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    for ax, title, rows in (
+            (axes[0], "node capacity / Sarathi oracle's",
+             lambda r: {p: v for p, v in r["capacity_vs_oracle"].items()
+                        if not p.startswith("fb-") and p in _main_rows(r)}),
+            (axes[1], f"cluster capacity ({results[0]['cluster_instances']} instances) / "
+             "Sarathi oracle + round robin's",
+             lambda r: {p: v / (r["cluster_capacity"]["sarathi-oracle+round_robin"] or 1e-9)
+                        for p, v in r["cluster_capacity"].items()}),
+            (axes[2], "FairBatching ablations / Sarathi oracle's",
+             lambda r: {p: v for p, v in r["capacity_vs_oracle"].items()
+                        if p == "fairbatching" or p.startswith("fb-")})):
+        values = [rows(r) for r in results]
+        names = list(dict.fromkeys(p for v in values for p in v))
         width = 0.8 / max(len(names), 1)
         for j, p in enumerate(names):
-            ax.bar(np.arange(len(traces)) + j * width, [r[key].get(p, 0) for r in results],
+            ax.bar(np.arange(len(cells)) + j * width, [v.get(p, 0) for v in values],
                    width, label=p)
-        ax.set_xticks(np.arange(len(traces)) + 0.4 - width / 2, traces, rotation=10,
-                      fontsize=8)
-        ax.set(ylabel="rate scale at 99% SLO attainment", title=title)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(cells)) + 0.4 - width / 2, cells, rotation=20,
+                      fontsize=7, ha="right")
+        ax.set(ylabel="capacity at 99% SLO attainment, / baseline", title=title)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out / "capacity.png", dpi=110)
     plt.close(fig)
     return [*files, "capacity.png"]
+
+
+def _main_rows(r: dict[str, Any]) -> tuple[str, ...]:
+    return (r["oracle"], r["vllm"], r["sarathi_edf"], "fairbatching")
 
 
 def _pct(x: float | None) -> str:
@@ -185,6 +231,18 @@ def _x(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
+def headline_rows(results: list[dict[str, Any]]) -> list[str]:
+    """The headline table's rows: every figure against the Sarathi oracle (and vLLM's
+    defaults), never against Sarathi as deployed."""
+    return [f"| {r['trace']} | {r['setting']} | {r['oracle']} | "
+            f"{r['capacity_vs_oracle']['fairbatching']:.3f} ({_pct(r['fb_gain_vs_oracle'])}) | "
+            f"{_pct(r['fb_gain_vs_vllm'])} | {_pct(r['edf_gain_vs_oracle'])} | "
+            f"{r['p99_ttft_oracle_ms']:.0f} → {r['p99_ttft_fb_ms']:.0f} ms "
+            f"({_x(r['p99_ttft_reduction_x'])}) | "
+            f"{r['p99_tbt_oracle_ms']:.0f} → {r['p99_tbt_fb_ms']:.0f} ms | "
+            f"{_pct(r['cluster_gain'])} |" for r in results]
+
+
 def write_report(results: list[dict[str, Any]], meta: dict[str, Any], plots: list[str],
                  out: Path) -> Path:
     lines = [
@@ -192,45 +250,56 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], plots: lis
         f"Regenerate with `{meta['command']}` ({meta['mode']} mode, "
         f"{meta['elapsed_s']:.0f} s). Every number below is formatted from this run's "
         "`results.json`.", "",
-        f"Latency profile: `{meta['profile']}`. SLO setting `{meta['setting']}`: a request's "
-        "TTFT SLO is a multiple of its own unloaded prefill (floored at that of the "
-        "trace's median prompt), TPOT a multiple of one unloaded decode step "
-        "(fbjax/sim/protocol.py). Capacity = highest rate scale (x the trace's own rate) "
-        "with >= 99% of requests meeting both SLOs.", "",
-        "## Headline against the paper", "",
-        "| trace | P99 TTFT reduction at Sarathi capacity | node capacity gain vs Sarathi "
-        "deployed | vs Sarathi oracle | cluster capacity gain (FB+PAB vs Sarathi+RR) |",
-        "|---|---:|---:|---:|---:|",
-        f"| paper (arXiv 2510.14392) | {_x(PAPER['p99_ttft_reduction_x'])} | "
-        f"{_pct(PAPER['node_capacity_gain'])} | | {_pct(PAPER['cluster_capacity_gain'])} |",
+        f"Latency profile: `{meta['profile']}`. SLO settings (fbjax/sim/protocol.py): "
+        "`uniform-*` one TTFT SLO for every request (k x the median prompt's unloaded "
+        "prefill); plain `strict` / `relaxed` a TTFT SLO proportional to each request's "
+        "own prefill; `stall-*` proportional, and each request's P99 time between tokens "
+        "(TBT) within k' x the unloaded decode step. TPOT is k' x one unloaded decode "
+        "step in all. Capacity = highest rate scale (x the trace's own rate) with >= 99% "
+        "of requests meeting their SLOs.", "",
+        "## Headline: FairBatching against the Sarathi oracle", "",
+        "The baseline is the Sarathi oracle: Sarathi-Serve at the fixed token budget that "
+        "gave it the highest capacity on this very trace and setting (hindsight-best over "
+        f"{', '.join(map(str, meta['oracle_budgets']))}). vLLM runs at its own defaults "
+        "(chunked prefill, 2048 tokens / 256 sequences on an A100). Sarathi-EDF is "
+        "Sarathi at the oracle's budget with prompts admitted by TTFT deadline: what "
+        "deadline order alone buys. P99 TTFT and P99 TBT are measured at the oracle's "
+        "capacity.", "",
+        "| trace | setting | oracle | FairBatching capacity / oracle | vs vLLM default "
+        "| Sarathi-EDF vs oracle | P99 TTFT oracle → FB | P99 TBT oracle → FB "
+        "| cluster gain (FB+PAB vs oracle+RR) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        *headline_rows(results), "",
+        "The paper (arXiv 2510.14392) reports, against Sarathi-Serve at one configured "
+        f"budget: {_x(PAPER['p99_ttft_reduction_x'])} lower P99 TTFT, "
+        f"{_pct(PAPER['node_capacity_gain'])} node capacity, "
+        f"{_pct(PAPER['cluster_capacity_gain'])} cluster capacity. Its node figure "
+        "compares with the column \"FairBatching capacity / oracle\" above, its P99 figure "
+        "with \"P99 TTFT oracle → FB\", but against a weaker baseline: a budget chosen "
+        "with hindsight per trace and setting, as here, leaves less to win.",
     ]
-    notes = ["", "Sarathi as deployed uses the largest token budget whose worst-case step "
-             "still meets the TPOT SLO. On prompt-heavy traces that budget is tiny (see "
-             "each trace's section), so its capacity collapses and gains against it are "
-             "large without meaning much; the gain against the Sarathi oracle (its best "
-             "budget, chosen with hindsight) is the fairer comparison."]
     for r in results:
-        lines.append(f"| {r['trace']} | {_x(r['p99_ttft_reduction_x'])} | "
-                     f"{_pct(r['node_gain_vs_deployed'])} | {_pct(r['node_gain_vs_oracle'])} "
-                     f"| {_pct(r['cluster_gain'])} |")
-    lines += notes
-    for r in results:
-        lines += ["", f"## {r['trace']}", "",
+        lines += ["", f"## {r['trace']}, {r['setting']}", "",
                   f"{r['num_requests']} requests over the first {meta['duration_s']:g} s "
                   f"({r['mean_rate']:.2f} req/s); {r['slo']} (unloaded TTFT "
-                  f"{r['unloaded_ttft_ms']:.0f} ms, TPOT {r['unloaded_tpot_ms']:.1f} ms); "
-                  f"Sarathi deployed budget {r['deployed_budget']}, oracle {r['oracle']}.",
-                  "", "| policy | node capacity |", "|---|---:|"]
-        lines += [f"| {p} | {c:.3f} |" for p, c in r["capacity"].items()]
+                  f"{r['unloaded_ttft_ms']:.0f} ms, TPOT {r['unloaded_tpot_ms']:.1f} ms). "
+                  f"Oracle {r['oracle']}; {r['deployed']} is Sarathi as deployed "
+                  "(the largest budget whose worst-case step meets the TPOT SLO), an "
+                  "extra row, not a baseline.",
+                  "", "| policy | node capacity | / oracle |", "|---|---:|---:|"]
+        lines += [f"| {p} | {c:.3f} | {r['capacity_vs_oracle'][p]:.3f} |"
+                  for p, c in r["capacity"].items()]
         lines += ["", f"Cluster of {r['cluster_instances']} instances:", "",
                   "| scheduler + router | cluster capacity |", "|---|---:|"]
         lines += [f"| {p} | {c:.3f} |" for p, c in r["cluster_capacity"].items()]
-        lines += ["", "| policy | rate scale | P50 TTFT ms | P99 TTFT ms | TPOT attainment "
-                  "| SLO attainment |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| policy | rate scale | P50 TTFT ms | P99 TTFT ms | P99 TBT ms "
+                  "| max stall ms | TPOT attainment | SLO attainment |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {s['policy']} | {s['rate_scale']:.3f} | {s['p50_ttft_ms']:.0f} | "
-                  f"{s['p99_ttft_ms']:.0f} | {s['tpot_attainment']:.3f} | "
-                  f"{s['slo_attainment']:.3f} |" for s in r["sweep"]]
-        lines += ["", f"![{r['trace']}]({r['trace']}-latency.png)"]
+                  f"{s['p99_ttft_ms']:.0f} | {s['p99_tbt_ms']:.0f} | {s['max_stall_ms']:.0f} | "
+                  f"{s['tpot_attainment']:.3f} | {s['slo_attainment']:.3f} |"
+                  for s in r["sweep"]]
+        lines += ["", f"![{_stem(r)}]({_stem(r)}-latency.png)"]
     lines += ["", "## Capacity", "", "![capacity](capacity.png)", ""]
     assert set(plots) <= {p.name for p in out.iterdir()}
     path = out / "report.md"
@@ -245,7 +314,8 @@ flags.DEFINE_string("out", "docs/results", "Folder for report.md, results.json a
 flags.DEFINE_bool("quick", False, "Short slices, coarse search: minutes, for CI.")
 flags.DEFINE_list("traces", None, "Traces (default: every trace in the traces folder).")
 flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile.")
-flags.DEFINE_string("setting", "strict", "SLO setting of the protocol (fbjax/sim/protocol.py).")
+flags.DEFINE_list("settings", list(DEFAULT_SETTINGS),
+                  f"SLO settings of the protocol, of {list(SLO_SETTINGS)}.")
 flags.DEFINE_float("duration_s", None, "Seconds of each trace (default: the mode's).")
 
 
@@ -255,6 +325,9 @@ def main(argv: list[str]) -> int:
     if FLAGS.duration_s is not None:
         mode = dataclasses.replace(mode, duration_s=FLAGS.duration_s)
     try:
+        unknown = [s for s in FLAGS.settings if s not in SLO_SETTINGS]
+        if unknown or not FLAGS.settings:
+            raise ValueError(f"--settings: unknown {unknown}; choose from {list(SLO_SETTINGS)}")
         profile = load_profile(FLAGS.profile)
         traces = FLAGS.traces or available_traces()
         if not traces:
@@ -266,14 +339,17 @@ def main(argv: list[str]) -> int:
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    per_trace = len(policy_specs(setting_for(FLAGS.setting, profile, loaded[traces[0]]),
-                                 oracle=mode.oracle, ablations=mode.ablations))
-    steps = len(traces) * (per_trace + len(mode.sweep) + len(CLUSTER_COMBOS))
+    per_cell = len(policy_specs(setting_for(FLAGS.settings[0], profile, loaded[traces[0]]),
+                                ablations=mode.ablations, oracle_budgets=mode.oracle_budgets))
+    steps = len(traces) * len(FLAGS.settings) * (
+        per_cell + 1 + len(mode.sweep) + len(CLUSTER_COMBOS))
     with tqdm(total=steps, desc="reproduce", unit="search") as bar:
-        results = [run_trace(t, loaded[t], profile, FLAGS.setting, mode, bar) for t in traces]
+        results = [run_trace(t, loaded[t], profile, setting, mode, bar)
+                   for t in traces for setting in FLAGS.settings]
     meta = {"command": "python -m fbjax.reproduce " + shlex.join(sys.argv[1:]),
             "mode": "quick" if FLAGS.quick else "full", "profile": profile.name,
-            "setting": FLAGS.setting, "duration_s": mode.duration_s,
+            "settings": list(FLAGS.settings), "duration_s": mode.duration_s,
+            "oracle_budgets": list(mode.oracle_budgets),
             "elapsed_s": time.perf_counter() - start, "paper": PAPER}
     plots = write_plots(results, out)
     for r in results:  # per-request TTFTs are for the CDF plot only

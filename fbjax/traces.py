@@ -124,6 +124,19 @@ class Trace:
                 for r in self.requests]
         return Trace(f"{self.name}@x{rate_scale:g}", reqs, self.hash_block_size)
 
+    def with_gamma_arrivals(self, burstiness: float, seed: int = 0) -> Trace:
+        """The same requests, in order, at the same mean rate, with Gamma inter-arrivals
+        of shape ``burstiness`` (``gamma_arrivals``): the trace's lengths under
+        arrivals it never had, so a policy is not judged on one trace's bursts only."""
+        if len(self.requests) < 2 or math.isinf(self.mean_rate):
+            raise ValueError("Gamma arrivals need a trace of two or more requests spread "
+                             "over time")
+        start = self.requests[0].arrival_s
+        times = start + gamma_arrivals(len(self.requests), self.mean_rate, burstiness, seed)
+        reqs = [dataclasses.replace(r, arrival_s=float(t))
+                for r, t in zip(self.requests, times, strict=True)]
+        return Trace(f"{self.name}@gamma{burstiness:g}", reqs, self.hash_block_size)
+
     def sliced(self, start_s: float, end_s: float | None = None) -> Trace:
         """Requests arriving in ``[start_s, end_s)``, with times re-based so start_s is 0."""
         if end_s is not None and end_s < start_s:

@@ -34,26 +34,55 @@ def report(tmp_path_factory):
 
 def test_writes_report_json_and_plots(report):
     names = {p.name for p in report.iterdir()}
-    assert {"report.md", "results.json", "capacity.png", f"{TRACE}-latency.png"} <= names
+    data = json.loads((report / "results.json").read_text())
+    plots = {f"{TRACE}-{setting}-latency.png" for setting in data["meta"]["settings"]}
+    assert {"report.md", "results.json", "capacity.png", *plots} <= names
     assert all((report / n).stat().st_size > 10_000 for n in names if n.endswith(".png"))
 
 
 def test_report_numbers_come_from_the_run(report):
     data = json.loads((report / "results.json").read_text())
     text = (report / "report.md").read_text()
-    (run,) = data["results"]
-    for policy, value in {**run["capacity"], **run["cluster_capacity"]}.items():
-        assert f"| {policy} | {value:.3f} |" in text
-    for row in run["sweep"]:
-        assert f"| {row['p99_ttft_ms']:.0f} |" in text
-    assert f"{run['p99_ttft_reduction_x']:.2f}x" in text
+    assert [run["setting"] for run in data["results"]] == data["meta"]["settings"]
+    for run in data["results"]:
+        for policy, value in {**run["capacity"], **run["cluster_capacity"]}.items():
+            assert f"| {policy} | {value:.3f} |" in text
+        for row in run["sweep"]:
+            assert f"| {row['p99_ttft_ms']:.0f} | {row['p99_tbt_ms']:.0f} |" in text
     # The same search, run here, gives the number the report printed.
+    run = data["results"][0]
     profile = load_profile(data["meta"]["profile"])
     trace = protocol_trace(TRACE, data["meta"]["duration_s"])
-    setting = setting_for(data["meta"]["setting"], profile, trace)
+    setting = setting_for(run["setting"], profile, trace)
     fb = next(s for s in policy_specs(setting, oracle=False) if s.name == "fairbatching")
     again = capacity(trace, fb, profile, setting.slo, tol=0.10, lo=0.05, hi=1.0)
     assert again.rate_scale == pytest.approx(run["capacity"]["fairbatching"])
+
+
+def test_the_headline_baseline_is_the_sarathi_oracle(report):
+    """Every headline figure is against the best Sarathi budget of the run, measured at
+    its capacity; Sarathi as deployed appears only where it is that best budget."""
+    data = json.loads((report / "results.json").read_text())
+    text = (report / "report.md").read_text()
+    headline = text[text.index("## Headline"):text.index("The paper (arXiv")]
+    for run in data["results"]:
+        sarathi = {p: c for p, c in run["capacity"].items() if p.startswith("sarathi-")
+                   and not p.startswith("sarathi-edf")}
+        for budget in data["meta"]["oracle_budgets"]:  # the whole ladder was searched
+            assert (f"sarathi-{budget}" in sarathi
+                    or run["deployed"] == f"sarathi-deployed({budget})")
+        assert run["capacity"][run["oracle"]] == max(sarathi.values())
+        oracle_cap = run["capacity"][run["oracle"]]
+        at_oracle = {r["policy"]: r for r in run["sweep"] if r["rate_scale"] == oracle_cap}
+        assert run["p99_ttft_oracle_ms"] == at_oracle[run["oracle"]]["p99_ttft_ms"]
+        assert run["p99_ttft_fb_ms"] == at_oracle["fairbatching"]["p99_ttft_ms"]
+        assert run["fb_gain_vs_oracle"] == pytest.approx(
+            run["capacity"]["fairbatching"] / oracle_cap - 1)
+        row = next(line for line in headline.splitlines()
+                   if line.startswith(f"| {run['trace']} | {run['setting']} |"))
+        assert f"| {run['oracle']} |" in row
+        if run["deployed"] != run["oracle"]:
+            assert run["deployed"] not in headline
 
 
 def test_bad_trace_is_a_clear_cli_error(tmp_path):

@@ -203,6 +203,19 @@ def test_gamma_infinite_rate_and_errors():
             gamma_arrivals(5, **bad)
 
 
+
+def test_gamma_arrivals_keep_a_traces_requests_and_mean_rate():
+    base = synthetic(4_000, rate=5.0, prompt_len=(10, 2000), output_len=(1, 300), seed=2)
+    bursty = base.with_gamma_arrivals(0.25, seed=1)
+    assert bursty.name.endswith("@gamma0.25")
+    assert list(bursty.prompt_lens) == list(base.prompt_lens)
+    assert list(bursty.output_lens) == list(base.output_lens)
+    assert bursty.mean_rate == pytest.approx(base.mean_rate, rel=0.1)
+    gaps = np.diff(bursty.arrivals)
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.15)  # 1 / sqrt(0.25)
+    with pytest.raises(ValueError, match="two or more"):
+        base.head(1).with_gamma_arrivals(0.5)
+
 def test_synthetic_lengths():
     t = synthetic(2_000, rate=5.0, prompt_len=(10, 20), output_len=7, seed=1)
     p = t.prompt_lens

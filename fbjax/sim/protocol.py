@@ -85,7 +85,20 @@ class Setting:
 
 
 def protocol_trace(name: str, duration_s: float | None = None) -> Trace:
-    """The trace by name, Mooncake jittered, cut to its first ``duration_s`` seconds."""
+    """The trace by name, Mooncake jittered, cut to its first ``duration_s`` seconds.
+    ``<name>@gamma<shape>`` is that trace's requests with Gamma inter-arrivals of that
+    shape at the slice's mean rate (``Trace.with_gamma_arrivals``, seed 0): the same
+    requests as the plain slice, under arrivals no trace had."""
+    name, _, arrivals = name.partition("@")
+    if arrivals:
+        if not arrivals.startswith("gamma"):
+            raise ValueError(f"unknown arrivals {arrivals!r} in trace name; use "
+                             f"<trace>@gamma<shape>, e.g. {name}@gamma0.25")
+        try:
+            shape = float(arrivals.removeprefix("gamma"))
+        except ValueError:
+            raise ValueError(f"bad Gamma shape in {arrivals!r}; e.g. gamma0.25") from None
+        return protocol_trace(name, duration_s).with_gamma_arrivals(shape)
     jitter = {"jitter_s": MOONCAKE_JITTER_S} if name.startswith("mooncake") else {}
     try:
         trace = load_trace(name, **jitter)
@@ -213,8 +226,8 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
     """The rows every experiment compares: Sarathi as deployed (first), the Sarathi
     oracle's other budgets, vLLM-style chunked prefill, FairBatching, and its ablations
     (without adaptive capacity, without fair formation, envelope anchored at arrival,
-    without the decode stall cap, EDF order only). vLLM runs with its own defaults for
-    the profile's device (``vllm_defaults``)."""
+    without the decode stall cap, EDF order only, late prompts kept in deadline order).
+    vLLM runs with its own defaults for the profile's device (``vllm_defaults``)."""
     slo, deployed = setting.slo, setting.deployed_budget
     # Under a token-stall SLO no decode may wait longer than it: FairBatching's stall cap
     # is that bound (its banked slack would otherwise spend it).
@@ -239,6 +252,8 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
                        fairbatching=dataclasses.replace(fb, max_decode_stall_tpots=None)),
             PolicySpec("fairbatching", label="fb-edf-only",
                        fairbatching=dataclasses.replace(fb, fcfs_headroom=None)),
+            PolicySpec("fairbatching", label="fb-late-prompts-in-place",
+                       fairbatching=dataclasses.replace(fb, late_prompts_last=False)),
         ]
     return out
 

@@ -150,8 +150,10 @@ IMPLS: tuple[Impl, ...] = (
         # program), so float32 sums may round differently: a few ulps, not bits.
         invariance_atol=(("float32", 2e-6), ("bfloat16", 1e-2)),
         ref_tol=_REF_TOL,
+        # every block size and every query block once (not their 12 pairs: ~5 s of
+        # compilation each), an odd query block with the smallest key block
         tunings=_tunings(**{f"k{k}_q{q}": {"kv_block_tokens": k, "q_block": q}
-                            for k in (16, 64, 256) for q in (1, 5, 16, 64)}),
+                            for k, q in ((16, 5), (16, 64), (64, 1), (256, 16))}),
     ),
     *(
         Impl(

@@ -469,12 +469,33 @@ def test_fcfs_headroom_none_is_always_by_deadline():
     assert prefill_race(9.0, 9.5, fcfs_headroom=None) == [("short", 50), ("long", 206)]
 
 
+
+@pytest.mark.parametrize("late_last", [True, False])
+def test_a_prompt_already_late_goes_after_those_still_on_time(late_last):
+    sched = make_fb(FairBatchingConfig(late_prompts_last=late_last), max_tokens=256)
+    put_waiting(sched, "late", 200, arrival=NOW - 3.05)  # due 0.05 s ago: late whatever runs
+    put_waiting(sched, "on_time", 50, arrival=NOW - 2.5)  # due in 0.5 s
+    # A deadline is at stake (EDF). The late prompt is still served, after the other.
+    expected = ([("on_time", 50), ("late", 200)] if late_last
+                else [("late", 200), ("on_time", 50)])
+    assert chunks_of(sched.schedule(NOW)) == expected
+    assert sched.num_late_prompts == (1 if late_last else 0)
+
+
+def test_a_prompt_that_can_still_make_it_alone_keeps_its_place():
+    sched = make_fb(max_tokens=256)
+    put_waiting(sched, "tight", 200, arrival=NOW - 2.7)  # due in 0.3 s; needs ~0.21 s alone
+    put_waiting(sched, "later", 50, arrival=NOW - 2.5)
+    assert sched.prefill_time(200) < 0.3
+    assert chunks_of(sched.schedule(NOW))[0] == ("tight", 200)
+    assert sched.num_late_prompts == 0
+
 def test_fcfs_keeps_an_earlier_own_deadline():
     sched = make_fb()
     late = put_waiting(sched, "late", 10, arrival=9.0)  # FCFS key 9 + 3 = 12
-    urgent = put_waiting(sched, "urgent", 10, arrival=9.5, ttft_slo=0.5)  # due at 10
+    urgent = put_waiting(sched, "urgent", 10, arrival=9.5, ttft_slo=0.6)  # due at 10.1
     assert sched.fcfs_key(late) == pytest.approx(12.0)
-    assert sched.fcfs_key(urgent) == pytest.approx(10.0)
+    assert sched.fcfs_key(urgent) == pytest.approx(10.1)
     assert chunks_of(sched.schedule(NOW))[0] == ("urgent", 10)
 
 

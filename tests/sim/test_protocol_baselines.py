@@ -4,6 +4,8 @@ device, Sarathi with deadline-ordered admission."""
 
 from __future__ import annotations
 
+import pytest
+
 from fbjax.profiling.store import load_profile
 from fbjax.sim.instance import build_scheduler
 from fbjax.sim.protocol import (
@@ -78,3 +80,14 @@ def test_the_three_slo_kinds():
                   if s.name == "fairbatching").fairbatching for n in ("strict", "stall-strict")}
     assert fb["strict"].max_decode_stall_s is None
     assert fb["stall-strict"].max_decode_stall_s == stall.tbt_s
+
+
+def test_a_trace_name_can_ask_for_gamma_arrivals():
+    plain = protocol_trace("azure_llm_2023_conv", 120)
+    bursty = protocol_trace("azure_llm_2023_conv@gamma0.5", 120)
+    assert list(bursty.prompt_lens) == list(plain.prompt_lens)
+    assert bursty.arrivals.tolist() != plain.arrivals.tolist()
+    assert bursty.mean_rate == pytest.approx(plain.mean_rate, rel=0.25)
+    for bad in ("azure_llm_2023_conv@poisson", "azure_llm_2023_conv@gammaX"):
+        with pytest.raises(ValueError, match="gamma"):
+            protocol_trace(bad, 60)
