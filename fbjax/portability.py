@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
     del argv
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
-    duration_s, tol = (60.0, 0.10) if FLAGS.quick else (300.0, 0.03)
+    duration_s, tol = (30.0, 0.10) if FLAGS.quick else (300.0, 0.03)
     budgets = COARSE_ORACLE_BUDGETS if FLAGS.quick else ORACLE_BUDGETS
     start = time.perf_counter()
     try:
