@@ -30,9 +30,9 @@ deadline (EDF) once one is at stake. EDF is what keeps deadlines under a burst, 
 TTFT SLOs that grow with the prompt it lets every short prompt that arrives pass a long
 one, and the absolute TTFT tail, made of the longest prompts, grows for nothing when no
 deadline was at risk. Under EDF a prompt that can no longer make its deadline, even
-prefilled alone from now on, goes after those that still can (``late_prompts_last``):
-in a burst EDF would otherwise spend the next steps on a lost cause and make the
-prompts behind it late as well.
+prefilled alone from now on, gets a second deadline one TTFT SLO later
+(``late_prompts_last``): in a burst EDF would otherwise spend the next steps on a lost
+cause and make the prompts behind it late as well.
 
 **Forward progress.** If nothing fits the budget (e.g. an SLO tighter than the
 hardware), the most urgent candidate runs anyway with a minimal chunk, so a state
@@ -124,13 +124,13 @@ class FairBatchingConfig:
     # burst. FCFS at all times lost 20% (conv strict 0.97 vs 1.22).
     fcfs_headroom: float | None = 2.0
     # Under EDF, a waiting prompt that would miss its TTFT deadline even if prefilled
-    # alone from now on goes after every prompt still on time (in arrival order; it is
-    # served, never dropped): EDF would give it the next steps and make the prompts behind
-    # it late too, the domino effect of EDF in overload. A100 Llama-3-8B profile, azure
-    # conv, first 300 s, one TTFT SLO for all (uniform-strict): capacity 1.057 with it,
-    # 0.852 without (Sarathi oracle 0.807); unchanged (1.193, 1.207) under proportional
-    # and token-stall SLOs. Its price: the late prompts wait longer (max TTFT at rate
-    # 1.0: 2.15 s vs 1.61 s without; P99 747 vs 1,032 ms).
+    # alone from now on gets a second deadline one TTFT SLO later (``_demote_late``): EDF
+    # would give it the next steps and make the prompts behind it late too, the domino
+    # effect of EDF in overload. It is served, never dropped, and waits a bounded time.
+    # A100 Llama-3-8B profile, azure conv, first 300 s, one TTFT SLO for all
+    # (uniform-strict): capacity 1.043 with it, 0.852 without (Sarathi oracle 0.807);
+    # 1.057 with late prompts last (unbounded wait); unchanged (1.193, 1.207) under
+    # proportional and token-stall SLOs. Its price: late prompts wait longer.
     late_prompts_last: bool = True
 
     def __post_init__(self) -> None:
@@ -173,6 +173,7 @@ class FairBatchingScheduler(Scheduler):
                                             tuple[float, int, str], float]] = {}
         self._waiting_work = 0.0  # their prefill_time(), summed
         self.num_late_prompts = 0  # waiting prompts moved last (``_demote_late``)
+        self._late_ids: set[str] = set()
         self._arrivals = itertools.count()
         # prefill_time(n) = linear * n + quadratic * n**2, exact at multiples of the knee.
         knee = self.step_tokens
@@ -202,6 +203,7 @@ class FairBatchingScheduler(Scheduler):
 
     def _waiting_removed(self, request: Request) -> None:
         by_due, by_arrival, work = self._waiting_keys.pop(request.request_id)
+        self._late_ids.discard(request.request_id)
         del self._waiting_by_due[bisect.bisect_left(self._waiting_by_due, by_due)]
         del self._waiting_by_arrival[bisect.bisect_left(self._waiting_by_arrival, by_arrival)]
         # Back to exactly zero when the queue empties, whatever the rounding on the way.
@@ -280,21 +282,23 @@ class FairBatchingScheduler(Scheduler):
         return self._waiting_by_due, due
 
     def _demote_late(self, now: float) -> None:
-        """Move waiting prompts that would miss their deadline even if prefilled alone
-        from now to the end of the deadline index, in arrival order (key ``inf``), so
-        they stop taking the steps that prompts still on time need. A late prompt stays
-        late, so this happens once per prompt; only the head is checked (the others
-        come to it in turn)."""
-        by_due, keys = self._waiting_by_due, self._waiting_keys
-        while by_due and by_due[0][0] != math.inf:
+        """Give waiting prompts that would miss their deadline even if prefilled alone
+        from now on a second deadline, one TTFT SLO later, so they stop taking the steps
+        that prompts still on time need, yet wait a bounded time: they go before every
+        prompt due after that (with one TTFT SLO for all: every prompt that arrived
+        after their deadline). A late prompt stays late, so this happens once per
+        prompt; only the head is checked (the others come to it in turn)."""
+        by_due, keys, late_ids = self._waiting_by_due, self._waiting_keys, self._late_ids
+        while by_due and by_due[0][2] not in late_ids:
             deadline, number, rid = by_due[0]
             by_arrival, work = keys[rid][1:]
             if deadline - now >= work:
                 return
             del by_due[0]
-            late = (math.inf, number, rid)
+            late = (deadline + self.ttft_slo(self.requests[rid]), number, rid)
             bisect.insort(by_due, late)
             keys[rid] = (late, by_arrival, work)
+            late_ids.add(rid)
             self.num_late_prompts += 1
 
     @property

@@ -482,6 +482,18 @@ def test_a_prompt_already_late_goes_after_those_still_on_time(late_last):
     assert sched.num_late_prompts == (1 if late_last else 0)
 
 
+
+@pytest.mark.parametrize(("newcomer_arrival", "first"), [(NOW, "late"), (NOW - 0.1, "new")])
+def test_a_late_prompt_waits_at_most_one_more_ttft_slo(newcomer_arrival, first):
+    """Its second deadline is one TTFT SLO after the first (12.95 here): it goes before a
+    prompt due after that and after one due before."""
+    sched = make_fb(max_tokens=256)
+    put_waiting(sched, "late", 100, arrival=NOW - 3.05)  # due at 9.95, late
+    put_waiting(sched, "on_time", 50, arrival=NOW - 2.5)  # due at 10.5: EDF
+    put_waiting(sched, "new", 100, arrival=newcomer_arrival)  # due at 13.0 or 12.9
+    order = [rid for rid, _ in chunks_of(sched.schedule(NOW))]
+    assert order[0] == "on_time" and order[1] == first
+
 def test_a_prompt_that_can_still_make_it_alone_keeps_its_place():
     sched = make_fb(max_tokens=256)
     put_waiting(sched, "tight", 200, arrival=NOW - 2.7)  # due in 0.3 s; needs ~0.21 s alone
