@@ -50,10 +50,10 @@ def test_block_page_keys_follow_the_hash_blocks():
 
 def test_unbounded_hit_rate_equals_the_reuse_in_hash_ids(mooncake, profile):
     spaced = Trace("spaced", [dataclasses.replace(r, arrival_s=1000.0 * i)
-                              for i, r in enumerate(mooncake.requests[:600])])
+                              for i, r in enumerate(mooncake.requests[:300])])
     unbounded = dataclasses.replace(profile, kv_capacity_tokens=10**8)
     expected = prefix_reuse(spaced, profile.page_size)
-    assert expected > 0.1  # the trace does repeat prefixes
+    assert expected > 0.05  # the trace does repeat prefixes
     for spec in specs(True):
         outcome = simulate(spaced, spec, unbounded, SLO_CONV)
         assert outcome.prefix_cache_hit_rate == pytest.approx(expected, abs=1e-12), spec.name
