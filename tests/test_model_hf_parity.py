@@ -442,3 +442,42 @@ def test_load_model_hf_dir(qwen_dir, tmp_path):
     assert loaded.tokenizer.encode("w3 w99") == [3, 99]
     assert loaded.config.eos_token_ids == (101,) == loaded.tokenizer.eos_token_ids
     assert "lm_head" in loaded.params
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def test_engine_logprobs_match_hf(qwen_dir):
+    """The engine's per-token log-probabilities (sampled token and top-5), from its
+    compiled ragged steps with chunked prefill beside other requests, against
+    transformers' log-softmax over the same sequence; greedy, so the top-1 is the token."""
+    from fbjax.engine.engine import LLMEngine
+    from fbjax.model.weights import LoadedModel
+    from fbjax.sched.request import SamplingParams
+    from tests.conftest import engine_config
+
+    hf_model, path = qwen_dir
+    config = load_hf_config(path)
+    loaded = LoadedModel(config, load_hf_params(path, config), ByteTokenizer())
+    engine = LLMEngine(engine_config(max_model_len=128), loaded=loaded)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, SMALL["vocab_size"], n).tolist() for n in (40, 7, 90)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5),
+              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)]
+    outs = engine.generate(prompts, params)
+    assert outs[1].logprobs is None
+    for prompt, sp, out in ((prompts[0], params[0], outs[0]), (prompts[2], params[2], outs[2])):
+        assert len(out.logprobs) == len(out.token_ids) == sp.max_tokens
+        sequence = prompt + out.token_ids
+        want = torch.log_softmax(torch.tensor(hf_logits(hf_model, sequence)), -1).numpy()
+        for j, (token, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            row = want[len(prompt) + j - 1]
+            assert lp.token_id == token
+            assert lp.logprob == pytest.approx(float(row[token]), abs=1e-3)
+            assert len(lp.top) == sp.logprobs
+            if lp.top:
+                assert lp.top[0][0] == token  # greedy
+                assert [t for t, _ in lp.top] == np.argsort(-row)[:sp.logprobs].tolist()
+                np.testing.assert_allclose([v for _, v in lp.top],
+                                           np.sort(row)[::-1][:sp.logprobs], atol=1e-3)

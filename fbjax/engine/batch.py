@@ -28,6 +28,7 @@ class SamplingInputs:
     top_p: np.ndarray  # float32
     seeds: np.ndarray  # uint32
     output_index: np.ndarray  # int32: which output token this sample is (folds the key)
+    num_logprobs: np.ndarray  # int32: alternatives to return per token; -1 = no logprobs
 
 
 @jax.tree_util.register_dataclass
@@ -59,6 +60,7 @@ def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBa
             top_p=np.ones(num_seqs, np.float32),
             seeds=np.zeros(num_seqs, np.uint32),
             output_index=np.zeros(num_seqs, i32),
+            num_logprobs=np.full(num_seqs, -1, i32),
         ),
     )
 
@@ -84,7 +86,7 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         return batch
     tokens: list[int] = []
     starts, lens = [], []
-    temperature, top_k, top_p, seeds, output_index = [], [], [], [], []
+    temperature, top_k, top_p, seeds, output_index, logprobs = [], [], [], [], [], []
     for i, chunk in enumerate(chunks):
         request, count, start = chunk.request, chunk.num_tokens, chunk.start
         if count == 1:
@@ -101,6 +103,7 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         top_p.append(sp.top_p)
         seeds.append(0 if sp.seed is None else sp.seed)
         output_index.append(request.num_output_tokens)
+        logprobs.append(-1 if sp.logprobs is None else sp.logprobs)
     lens_arr = np.asarray(lens, np.int32)
     starts_arr = np.asarray(starts, np.int32)
     ends = np.cumsum(lens_arr, dtype=np.int32)
@@ -120,4 +123,5 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     smp.top_p[:n] = top_p
     smp.seeds[:n] = seeds
     smp.output_index[:n] = output_index
+    smp.num_logprobs[:n] = logprobs
     return batch

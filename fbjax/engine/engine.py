@@ -40,6 +40,7 @@ from fbjax.sched.request import (
     Request,
     RequestStatus,
     SamplingParams,
+    TokenLogprob,
     check_slo,
 )
 
@@ -54,6 +55,7 @@ class RequestOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the new tokens, if the request asked
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class CompletionOutput:
     finish_time: float | None
     num_preemptions: int
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per token, if the request asked
 
 
 class LLMEngine:
@@ -247,15 +250,34 @@ class LLMEngine:
             return []
         batch = build_batch(plan, self.kv, self.runner.pages_per_seq)
         start = self.step_clock()
-        sampled_rows = self.runner.run(batch)
+        result = self.runner.run(batch)
+        sampled_rows = result.tokens
         seconds = self.last_step_seconds = self.step_clock() - start
         now = time.monotonic()
         self._observe_step(plan, seconds)
         sampled = {c.request.request_id: int(sampled_rows[i])
                    for i, c in enumerate(plan.chunks) if c.completes}
         self.scheduler.on_step_done(plan, sampled, now)
+        self._record_logprobs(plan, result)
         self.num_steps += 1
         return self._collect_outputs(plan, sampled)
+
+    @staticmethod
+    def _record_logprobs(plan: StepPlan, result) -> None:
+        """Each sampled token's log-probabilities, for the requests that asked (copied
+        from the device only in steps that hold one)."""
+        rows = [(i, c.request) for i, c in enumerate(plan.chunks)
+                if c.completes and c.request.sampling.logprobs is not None]
+        if not rows:
+            return
+        chosen, ids, values = result.host_logprobs()
+        for i, request in rows:
+            if len(request.output_logprobs) >= request.num_output_tokens:
+                continue  # no token was added (aborted during the step)
+            n = request.sampling.logprobs
+            top = tuple(zip(ids[i, :n].tolist(), values[i, :n].tolist(), strict=True))
+            request.output_logprobs.append(
+                TokenLogprob(int(result.tokens[i]), float(chosen[i]), top))
 
     def _observe_step(self, plan: StepPlan, seconds: float) -> None:
         """Feed a measured step time to the latency model (online refinement)."""
@@ -288,9 +310,12 @@ class LLMEngine:
                 self._check_stop_strings(request)
             if request.finished:
                 self._finished[request.request_id] = request
+            logprobs = (request.output_logprobs[-1:]
+                        if request.sampling.logprobs is not None else None)
             outputs.append(RequestOutput(request.request_id, [sampled[request.request_id]],
                                          request.finished,
-                                         request.status.value if request.finished else None))
+                                         request.status.value if request.finished else None,
+                                         logprobs))
         return outputs
 
     def _check_stop_strings(self, request: Request) -> None:
@@ -310,7 +335,8 @@ class LLMEngine:
         return CompletionOutput(
             request_id, request.token_ids[:request.prompt_len], list(request.output_token_ids),
             text, request.status.value, request.arrival_time, list(request.token_times),
-            request.finish_time, request.num_preemptions, request.num_cached_tokens)
+            request.finish_time, request.num_preemptions, request.num_cached_tokens,
+            list(request.output_logprobs) if request.sampling.logprobs is not None else None)
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache's contents (requests in flight keep their pages)."""

@@ -1,12 +1,14 @@
 """ModelRunner: the KV page pool on device and one compiled step per bucket.
 
-A step is ``(params, kv_cache, batch) -> (sampled tokens, kv_cache)``: the decoder over
-the ragged batch, logits only at each sequence's last token, sampling on device. The
-cache is donated, so XLA updates the pages in place.
+A step is ``(params, kv_cache, batch) -> (sampled tokens, logprobs, kv_cache)``: the
+decoder over the ragged batch, logits only at each sequence's last token, sampling (and
+the log-probabilities rows asked for) on device. The cache is donated, so XLA updates
+the pages in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -18,7 +20,7 @@ from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention, resolve
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
 from fbjax.engine.buckets import CompiledBuckets
-from fbjax.engine.sampling import sample_tokens
+from fbjax.engine.sampling import sample_tokens, token_logprobs
 from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
 from fbjax.engine.step_export import StepExporter
 from fbjax.model.llama import KVCache, LlamaForCausalLM
@@ -42,7 +44,7 @@ def make_step_fn(model: LlamaForCausalLM):
         s = batch.sampling
         tokens = sample_tokens(logits, s.temperature, s.top_k, s.top_p, s.seeds,
                                s.output_index)
-        return tokens, kv_cache
+        return tokens, token_logprobs(logits, tokens, s.num_logprobs), kv_cache
 
     return step
 
@@ -90,8 +92,23 @@ class ModelRunner:
         log.info("compiled %d bucket executables in %.1f s", len(self.executables),
                  self.startup_seconds)
 
-    def run(self, batch: RaggedBatch) -> np.ndarray:
-        """Execute one step; returns the sampled token of each bucket row (padding included)."""
+    def run(self, batch: RaggedBatch) -> StepResult:
+        """Execute one step: the sampled token of each bucket row (padding included) and,
+        left on device until asked for, the log-probabilities."""
         bucket = (batch.tokens.shape[0], batch.logits_indices.shape[0])
-        tokens, self.kv_cache = self.executables.get(bucket)(self.params, self.kv_cache, batch)
-        return np.asarray(tokens)
+        tokens, logprobs, self.kv_cache = self.executables.get(bucket)(
+            self.params, self.kv_cache, batch)
+        return StepResult(np.asarray(tokens), logprobs)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One step's output. ``logprobs`` (sampled token's [S], top ids [S, K], top
+    log-probabilities [S, K]) stay on device: copying them costs only steps that use them."""
+
+    tokens: np.ndarray
+    logprobs: tuple[jax.Array, jax.Array, jax.Array]
+
+    def host_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chosen, ids, values = self.logprobs
+        return np.asarray(chosen), np.asarray(ids), np.asarray(values)

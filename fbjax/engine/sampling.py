@@ -1,4 +1,5 @@
-"""Token sampling inside the compiled step: greedy, temperature, top-k, top-p.
+"""Token sampling inside the compiled step: greedy, temperature, top-k, top-p, and the
+log-probabilities a request may ask for.
 
 Runs on device so only one int per sequence comes back to the host.
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from fbjax.sched.request import MAX_LOGPROBS
 
 # float32 probabilities: 40 halvings of [0, 1] resolve gaps down to ~1e-12.
 BISECTION_STEPS = 40
@@ -79,3 +82,27 @@ def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
         lambda: greedy,
     )
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_logprobs: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of the model's distribution (before temperature and filters,
+    as vLLM and OpenAI report them): of each row's sampled token [S], and the
+    ``MAX_LOGPROBS`` most likely tokens' ids and log-probabilities [S, MAX_LOGPROBS]
+    (always that many, so no request's choice recompiles a bucket).
+    Rows with ``num_logprobs < 0`` asked for none; a batch where none did skips the
+    work (``lax.cond``) and returns zeros."""
+    rows = logits.shape[0]
+    k = min(MAX_LOGPROBS, logits.shape[-1])
+
+    def compute():
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(logp, k)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    def skip():
+        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, k), jnp.int32),
+                jnp.zeros((rows, k), jnp.float32))
+
+    return jax.lax.cond(jnp.any(num_logprobs >= 0), compute, skip)

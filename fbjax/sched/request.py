@@ -34,6 +34,9 @@ class RequestStatus(enum.Enum):
 MIN_SLO_S = 1e-3  # a deadline shorter than any step is no deadline (and 0 divides)
 MAX_SLO_S = 7 * 24 * 3600.0
 SEED_RANGE = 2**32
+# The most alternatives per token a request may ask for (OpenAI's and vLLM's limit): the
+# compiled step always computes this many.
+MAX_LOGPROBS = 20
 
 
 class InvalidRequestError(ValueError):
@@ -82,6 +85,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probability of each sampled token and of this many most likely alternatives
+    # (0 to MAX_LOGPROBS); None: none.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -108,6 +114,20 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a boolean, got "
                                       f"{self.ignore_eos!r}", "ignore_eos")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, "
+                                      f"got {self.logprobs!r}", "logprobs")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model and the ``logprobs`` most
+    likely tokens with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Request:
@@ -151,6 +171,8 @@ class Request:
         # prompt tokens the cache supplied when the request was first admitted.
         self.page_keys: Sequence[Hashable] | None = None
         self.num_cached_tokens = 0
+        # One per output token when ``sampling.logprobs`` is set (the engine fills it).
+        self.output_logprobs: list[TokenLogprob] = []
 
     @property
     def num_tokens(self) -> int:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fbjax.engine.engine import CompletionOutput, LLMEngine
-from fbjax.sched.request import SamplingParams
+from fbjax.sched.request import SamplingParams, TokenLogprob
 from fbjax.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Event:
     new_token_ids: list[int]
     final: CompletionOutput | None = None  # set once, when the request is done
     error: str | None = None  # the engine failed this request
+    logprobs: list[TokenLogprob] | None = None  # of new_token_ids, if the request asked
 
 
 class EngineLoop:
@@ -308,7 +309,7 @@ class EngineLoop:
                 self._accepted.discard(out.request_id)
                 if self.metrics is not None:
                     self.metrics.observe_finished(final)
-            events.append(Event(out.request_id, out.new_token_ids, final))
+            events.append(Event(out.request_id, out.new_token_ids, final, None, out.logprobs))
 
     def _step_failed(self, error: Exception, events: list[Event]) -> None:
         """Fail every request the engine accepted and has not answered: those still

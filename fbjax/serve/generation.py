@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fbjax.sched.request import InvalidRequestError
+from fbjax.sched.request import InvalidRequestError, TokenLogprob
 from fbjax.serve.engine_loop import EngineFailedError, Event, Submission
 from fbjax.serve.protocol import usage
 from fbjax.serve.state import ServerState
@@ -37,12 +37,27 @@ class Generation:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.cached_tokens = 0  # the most any choice found in the prefix cache
+        # Per choice that asked for them: every token's log-probabilities so far, and how
+        # many of them a stream chunk has carried (``take_logprobs``).
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in submissions]
+        self._logprobs_sent = [0] * len(submissions)
         self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self._added: list[str] = []
 
     @property
     def num_choices(self) -> int:
         return len(self.submissions)
+
+    def wants_logprobs(self, choice: int) -> bool:
+        return self.submissions[choice].sampling.logprobs is not None
+
+    def take_logprobs(self, choice: int) -> list[TokenLogprob]:
+        """The choice's log-probabilities no stream chunk has carried yet: a chunk carries
+        those of every token since the previous one, so each token's are sent once even
+        when its text is held back (an incomplete character, a possible stop string)."""
+        new = self.logprobs[choice][self._logprobs_sent[choice]:]
+        self._logprobs_sent[choice] = len(self.logprobs[choice])
+        return new
 
     async def start(self) -> None:
         """Hand every choice to the engine; all or nothing."""
@@ -78,6 +93,8 @@ class Generation:
                 self.finish_reasons[i] = "error"
                 raise EngineRequestError(ev.error)
             text = self.texts[i]
+            if ev.logprobs:
+                self.logprobs[i].extend(ev.logprobs)
             if ev.final is None:
                 delta = text.add(ev.new_token_ids)
                 if delta:

@@ -1,7 +1,7 @@
 """The OpenAI wire format: pydantic models for requests and responses, and error bodies.
 
 Requests accept what the official client sends. Fields fbjax cannot honour
-(``logprobs``, ``echo``, ``suffix``, penalties, ``logit_bias``, ``tools``...) are
+(``echo``, ``suffix``, penalties, ``logit_bias``, ``tools``...) are
 accepted at their neutral value and refused with a 400 naming the field otherwise,
 rather than silently ignored. Unknown fields are ignored, as OpenAI does.
 
@@ -80,12 +80,14 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token the client asked for (None: no logprobs)."""
+        return self.logprobs
+
     def unsupported(self) -> list[tuple[str, str]]:
         bad = super().unsupported()
         if self.echo:
             bad.append(("echo", "echo is not supported"))
-        if self.logprobs is not None:
-            bad.append(("logprobs", "logprobs are not supported"))
         if self.suffix:
             bad.append(("suffix", "suffix is not supported"))
         if self.best_of is not None and self.best_of != self.n:
@@ -119,10 +121,14 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token the client asked for (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> list[tuple[str, str]]:
         bad = super().unsupported()
-        if self.logprobs:
-            bad.append(("logprobs", "logprobs are not supported"))
+        if self.top_logprobs is not None and not self.logprobs:
+            bad.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         if self.tools:
             bad.append(("tools", "tools are not supported"))
         if self.response_format and self.response_format.get("type") not in (None, "text"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from fbjax.sched.request import TokenLogprob
 from fbjax.serve.generation import Generation
 from fbjax.serve.protocol import new_id, now_s
 
@@ -42,7 +43,10 @@ class ResponseBodies:
         return []
 
     def chunk(self, index: int, delta: str, reason: str | None) -> Body:
-        return self._body(self.CHUNK_OBJECT, [self.chunk_choice(index, delta, reason)])
+        choice = self.chunk_choice(index, delta, reason)
+        if self.gen.wants_logprobs(index):
+            choice["logprobs"] = self.logprobs(self.gen.take_logprobs(index))
+        return self._body(self.CHUNK_OBJECT, [choice])
 
     def usage_chunk(self) -> Body:
         return self._body(self.CHUNK_OBJECT, [], self.gen.usage())
@@ -50,7 +54,18 @@ class ResponseBodies:
     def final(self) -> Body:
         pairs = zip(self.gen.final_texts, self.gen.finish_reasons, strict=True)
         choices = [self.final_choice(i, text, reason) for i, (text, reason) in enumerate(pairs)]
+        for i, choice in enumerate(choices):
+            if self.gen.wants_logprobs(i):
+                choice["logprobs"] = self.logprobs(self.gen.logprobs[i])
         return self._body(self.OBJECT, choices, self.gen.usage())
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> Body:
+        """The ``logprobs`` of a choice (or of a chunk's tokens) in the endpoint's format."""
+        raise NotImplementedError
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text (a partial UTF-8 character shows as U+FFFD, as in vLLM)."""
+        return self.gen.state.tokenizer.decode([token_id])
 
     def chunk_choice(self, index: int, delta: str, reason: str | None) -> Body:
         raise NotImplementedError
@@ -76,6 +91,23 @@ class CompletionBodies(ResponseBodies):
     def final_choice(self, index: int, text: str, reason: str | None) -> Body:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
+    def logprobs(self, tokens: list[TokenLogprob]) -> Body:
+        """OpenAI's legacy format: per token its text, log-probability, the top
+        alternatives with the sampled token among them (up to ``logprobs + 1``, as
+        OpenAI and vLLM), and its character offset in the choice's text."""
+        texts = [self.token_text(t.token_id) for t in tokens]
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        top = []
+        for text, t in zip(texts, tokens, strict=True):
+            alternatives = {self.token_text(i): lp for i, lp in t.top}
+            alternatives.setdefault(text, t.logprob)
+            top.append(alternatives)
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": top, "text_offset": offsets}
+
 
 class ChatBodies(ResponseBodies):
     ID_PREFIX = "chatcmpl"
@@ -97,3 +129,14 @@ class ChatBodies(ResponseBodies):
     @staticmethod
     def _choice(index: int, key: str, content: Body, reason: str | None) -> Body:
         return {"index": index, key: content, "logprobs": None, "finish_reason": reason}
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> Body:
+        """The chat format: per token its text, UTF-8 bytes, log-probability and
+        ``top_logprobs`` alternatives."""
+        def entry(token_id: int, logprob: float) -> Body:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t.token_id, t.logprob),
+                             "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens]}

@@ -165,7 +165,9 @@ def test_models_health_load(http):
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": [999]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x", "slo_ttft_ms": -5}, 400, "slo_ttft_ms"),
@@ -178,6 +180,46 @@ def test_bad_input_is_an_openai_error(http, body, status, param):
     err = r.json()["error"]
     assert err["message"] and err["type"] == "invalid_request_error"
     assert err["param"] == param
+
+
+def test_completion_logprobs_streamed_and_not(client):
+    """Legacy logprobs: one entry per generated token, greedy tokens on top of their
+    alternatives (up to logprobs + 1 with the sampled one), the same values streamed."""
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
+    full = client.completions.create(**kw)
+    lp = full.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == full.usage.completion_tokens
+    assert "".join(lp.tokens) == full.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and 1 <= len(top) <= 4
+        assert top[token] == value == max(top.values())  # greedy: the most likely token
+    chunks = list(client.completions.create(stream=True, **kw))
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs
+                for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == full.choices[0].text
+
+
+def test_chat_logprobs_and_top_logprobs(client, http):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+              temperature=0, logprobs=True, top_logprobs=2)
+    full = client.chat.completions.create(**kw)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert entry.top_logprobs[0].logprob == entry.logprob >= entry.top_logprobs[1].logprob
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in content], abs=1e-6)
+    for fields, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                          ({"top_logprobs": 2}, "top_logprobs")):
+        r = http.post("/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "x"}], **fields})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_bad_chat_input(http):

@@ -104,10 +104,14 @@ def submissions(state: ServerState, body: GenerateRequest, prompts: Prompts,
                 sampling = SamplingParams(max_tokens=max_tokens,
                                           temperature=body.temperature, top_p=body.top_p,
                                           top_k=max(body.top_k, 0), seed=seed, stop=stop,
-                                          ignore_eos=body.ignore_eos)
+                                          ignore_eos=body.ignore_eos,
+                                          logprobs=body.requested_logprobs())
                 state.engine.encode_and_validate(ids, sampling)
             except InvalidRequestError as e:
-                raise OpenAIError(400, str(e), _SERVER_PARAMS.get(e.param, e.param)) from None
+                param = _SERVER_PARAMS.get(e.param, e.param)
+                if param == "logprobs" and isinstance(body, ChatCompletionRequest):
+                    param = "top_logprobs"  # chat's count of alternatives
+                raise OpenAIError(400, str(e), param) from None
             subs.append(Submission(new_id("req"), ids, sampling, arrival,
                                    None if ttft is None else ttft / 1000.0,
                                    None if tpot is None else tpot / 1000.0))
