@@ -16,6 +16,7 @@ import numpy as np
 from fbjax.model.llama import AttentionMetadata
 from fbjax.sched.base import StepPlan
 from fbjax.sched.kv_cache import KVCacheManager
+from fbjax.sched.request import MAX_LOGIT_BIAS
 
 
 @jax.tree_util.register_dataclass
@@ -29,6 +30,9 @@ class SamplingInputs:
     seeds: np.ndarray  # uint32
     output_index: np.ndarray  # int32: which output token this sample is (folds the key)
     num_logprobs: np.ndarray  # int32: alternatives to return per token; -1 = no logprobs
+    min_p: np.ndarray  # float32; 0 = off
+    bias_ids: np.ndarray  # [S, MAX_LOGIT_BIAS] int32: logit_bias tokens (padding: 0)
+    bias_values: np.ndarray  # [S, MAX_LOGIT_BIAS] float32: their biases (padding: 0)
 
 
 @jax.tree_util.register_dataclass
@@ -61,6 +65,9 @@ def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBa
             seeds=np.zeros(num_seqs, np.uint32),
             output_index=np.zeros(num_seqs, i32),
             num_logprobs=np.full(num_seqs, -1, i32),
+            min_p=np.zeros(num_seqs, np.float32),
+            bias_ids=np.zeros((num_seqs, MAX_LOGIT_BIAS), i32),
+            bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32),
         ),
     )
 
@@ -86,7 +93,7 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         return batch
     tokens: list[int] = []
     starts, lens = [], []
-    temperature, top_k, top_p, seeds, output_index, logprobs = [], [], [], [], [], []
+    temperature, top_k, top_p, seeds, output_index, logprobs, min_p = [], [], [], [], [], [], []
     for i, chunk in enumerate(chunks):
         request, count, start = chunk.request, chunk.num_tokens, chunk.start
         if count == 1:
@@ -104,6 +111,11 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         seeds.append(0 if sp.seed is None else sp.seed)
         output_index.append(request.num_output_tokens)
         logprobs.append(-1 if sp.logprobs is None else sp.logprobs)
+        min_p.append(sp.min_p)
+        if sp.logit_bias:
+            ids, values = zip(*sp.logit_bias, strict=True)
+            smp.bias_ids[i, :len(ids)] = ids
+            smp.bias_values[i, :len(ids)] = values
     lens_arr = np.asarray(lens, np.int32)
     starts_arr = np.asarray(starts, np.int32)
     ends = np.cumsum(lens_arr, dtype=np.int32)
@@ -124,4 +136,5 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     smp.seeds[:n] = seeds
     smp.output_index[:n] = output_index
     smp.num_logprobs[:n] = logprobs
+    smp.min_p[:n] = min_p
     return batch

@@ -221,6 +221,10 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary "
                                       f"[0, {vocab})", "stop_token_ids")
+        bad = [t for t, _ in sampling.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {vocab})", "logit_bias")
         check_slo("ttft_slo", ttft_slo)
         check_slo("tpot_slo", tpot_slo)
         total = len(token_ids) + sampling.max_tokens

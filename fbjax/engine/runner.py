@@ -20,7 +20,7 @@ from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention, resolve
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
 from fbjax.engine.buckets import CompiledBuckets
-from fbjax.engine.sampling import sample_tokens, token_logprobs
+from fbjax.engine.sampling import apply_logit_bias, sample_tokens, token_logprobs
 from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
 from fbjax.engine.step_export import StepExporter
 from fbjax.model.llama import KVCache, LlamaForCausalLM
@@ -42,8 +42,10 @@ def make_step_fn(model: LlamaForCausalLM):
         logits = model.apply({"params": params}, hidden[batch.logits_indices],
                              method=LlamaForCausalLM.logits)
         s = batch.sampling
-        tokens = sample_tokens(logits, s.temperature, s.top_k, s.top_p, s.seeds,
-                               s.output_index)
+        biased = apply_logit_bias(logits, s.bias_ids, s.bias_values)
+        tokens = sample_tokens(biased, s.temperature, s.top_k, s.top_p, s.seeds,
+                               s.output_index, s.min_p)
+        # Log-probabilities of the model's own distribution, before bias and filters.
         return tokens, token_logprobs(logits, tokens, s.num_logprobs), kv_cache
 
     return step

@@ -1,5 +1,5 @@
-"""Token sampling inside the compiled step: greedy, temperature, top-k, top-p, and the
-log-probabilities a request may ask for.
+"""Token sampling inside the compiled step: logit bias, greedy, temperature, top-k,
+top-p, min-p, and the log-probabilities a request may ask for.
 
 Runs on device so only one int per sequence comes back to the host.
 
@@ -43,8 +43,18 @@ def _bisect_threshold(probs: jax.Array, enough) -> jax.Array:
     return jnp.where(enough(probs >= hi[:, None]), hi, lo)
 
 
-def filter_probs(logits, temperature, top_k, top_p) -> jax.Array:
-    """Temperature-scaled probabilities with top-k then top-p applied (unnormalized)."""
+def apply_logit_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+    """``logits`` [S, V] with ``values`` [S, B] added at token ``ids`` [S, B] (OpenAI's
+    ``logit_bias``; unused entries add 0 to token 0)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, ids].add(values.astype(logits.dtype))
+
+
+def filter_probs(logits, temperature, top_k, top_p, min_p=None) -> jax.Array:
+    """Temperature-scaled probabilities with top-k, top-p then min-p applied
+    (unnormalized). Min-p keeps tokens of at least ``min_p`` x the most likely one's
+    probability; the filters never drop the most likely token, so the order does not
+    change what min-p keeps."""
     vocab = logits.shape[-1]
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
     probs = jax.nn.softmax(logits / safe_t[:, None], axis=-1)
@@ -55,11 +65,15 @@ def filter_probs(logits, temperature, top_k, top_p) -> jax.Array:
     t_p = _bisect_threshold(
         probs, lambda kept: jnp.where(kept, probs, 0.0).sum(axis=-1) >= top_p)
     t_p = jnp.where(top_p >= 1.0, 0.0, t_p)  # float32 mass can reach 1 before the tail ends
-    return jnp.where(probs >= t_p[:, None], probs, 0.0)
+    probs = jnp.where(probs >= t_p[:, None], probs, 0.0)
+    if min_p is not None:
+        floor = min_p * probs.max(axis=-1)
+        probs = jnp.where(probs >= floor[:, None], probs, 0.0)
+    return probs
 
 
-def _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index):
-    probs = filter_probs(logits, temperature, top_k, top_p)
+def _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index, min_p):
+    probs = filter_probs(logits, temperature, top_k, top_p, min_p)
     cdf = jnp.cumsum(probs, axis=-1)
 
     def uniform(seed, index):
@@ -73,12 +87,14 @@ def _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index):
 
 
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array, seeds: jax.Array, output_index: jax.Array) -> jax.Array:
+                  top_p: jax.Array, seeds: jax.Array, output_index: jax.Array,
+                  min_p: jax.Array | None = None) -> jax.Array:
     """logits [S, V] float32 -> token ids [S] int32; ``temperature == 0`` rows are greedy."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled = jax.lax.cond(
         jnp.any(temperature > 0),
-        lambda: _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index),
+        lambda: _sample_filtered(logits, temperature, top_k, top_p, seeds, output_index,
+                                 min_p),
         lambda: greedy,
     )
     return jnp.where(temperature > 0, sampled, greedy)

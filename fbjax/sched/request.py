@@ -37,6 +37,10 @@ SEED_RANGE = 2**32
 # The most alternatives per token a request may ask for (OpenAI's and vLLM's limit): the
 # compiled step always computes this many.
 MAX_LOGPROBS = 20
+# The most logit_bias entries per request (OpenAI's limit); the compiled step always
+# takes this many, unused ones adding 0.
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_RANGE = 100.0  # |bias| <= this, as OpenAI
 
 
 class InvalidRequestError(ValueError):
@@ -88,10 +92,18 @@ class SamplingParams:
     # Log-probability of each sampled token and of this many most likely alternatives
     # (0 to MAX_LOGPROBS); None: none.
     logprobs: int | None = None
+    # Tokens whose probability is below min_p x the most likely token's are dropped
+    # before sampling (0: off).
+    min_p: float = 0.0
+    # (token id, bias) pairs added to the logits before sampling, greedy included.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        object.__setattr__(self, "logit_bias", tuple(tuple(e) for e in self.logit_bias))
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidRequestError(
                 f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
@@ -118,6 +130,17 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, "
                                       f"got {self.logprobs!r}", "logprobs")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, "
+                                      f"got {len(self.logit_bias)}", "logit_bias")
+        for entry in self.logit_bias:
+            if (len(entry) != 2 or not _is_int(entry[0]) or not _is_real(entry[1])
+                    or abs(entry[1]) > LOGIT_BIAS_RANGE):
+                raise InvalidRequestError(
+                    f"logit_bias maps token ids to numbers in [-{LOGIT_BIAS_RANGE:g}, "
+                    f"{LOGIT_BIAS_RANGE:g}], got {entry!r}", "logit_bias")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The OpenAI wire format: pydantic models for requests and responses, and error bodies.
 
 Requests accept what the official client sends. Fields fbjax cannot honour
-(``echo``, ``suffix``, penalties, ``logit_bias``, ``tools``...) are
+(``echo``, ``suffix``, penalties, ``tools``...) are
 accepted at their neutral value and refused with a 400 naming the field otherwise,
 rather than silently ignored. Unknown fields are ignored, as OpenAI does.
 
-Extra fields beyond OpenAI's: ``top_k`` (0 or -1 disables it), ``ignore_eos``, and
+Extra fields beyond OpenAI's: ``top_k`` (0 or -1 disables it), ``min_p``, ``ignore_eos``, and
 per-request SLO overrides ``slo_ttft_ms`` / ``slo_tpot_ms`` (the scheduler's deadlines for this
 request; defaults come from ``--slo_ttft_ms`` / ``--slo_tpot_ms``).
 
@@ -44,6 +44,7 @@ class _SamplingFields(_Strict):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # extra, as vLLM
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -66,9 +67,19 @@ class _SamplingFields(_Strict):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 bad.append((name, f"{name} is not supported; omit it or send 0"))
-        if self.logit_bias:
-            bad.append(("logit_bias", "logit_bias is not supported"))
         return bad
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs; its keys are token ids as strings
+        (OpenAI's JSON). A key that is no integer is a ValueError naming it."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}") from None
+            pairs.append((token, bias))
+        return tuple(pairs)
 
 
 class CompletionRequest(_SamplingFields):

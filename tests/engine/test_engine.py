@@ -157,6 +157,7 @@ def test_abort_frees_pages(engine):
     ([5] * 600, SamplingParams(), "context"),
     ([5] * 500, SamplingParams(max_tokens=100), "context"),
     ([5, 100000], SamplingParams(), "vocabulary"),
+    ([5], SamplingParams(logit_bias={100000: 1.0}), "logit_bias token id"),
 ])
 def test_bad_requests_are_clear_errors(engine, prompt, sampling, message):
     with pytest.raises(InvalidRequestError, match=message):
@@ -169,10 +170,41 @@ def test_bad_requests_are_clear_errors(engine, prompt, sampling, message):
     ({"max_tokens": -3}, "max_tokens"),
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {5: 101.0}}, "logit_bias"),
+    ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+    ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_steers_greedy_and_sampled_tokens(engine):
+    prompt = random_prompts(1, 10, 40, seed=5)[0]
+    plain = engine.generate([prompt], GREEDY)[0].token_ids
+    banned = plain[0]
+    forced = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                            logit_bias={77: 100.0})
+    avoided = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                             logit_bias={t: -100.0 for t in set(plain)})
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True,
+                             logit_bias={78: 100.0})
+    # Batched with an unbiased request, which must not feel the others' biases.
+    outs = engine.generate([prompt] * 4, [forced, avoided, sampled, GREEDY])
+    assert outs[0].token_ids == [77] * 6
+    assert banned not in outs[1].token_ids and not set(plain) & set(outs[1].token_ids)
+    assert outs[2].token_ids == [78] * 6
+    assert outs[3].token_ids == plain
+
+
+def test_min_p_one_keeps_only_the_most_likely_token(engine):
+    prompt = random_prompts(1, 10, 40, seed=6)[0]
+    greedy = engine.generate([prompt], GREEDY)[0].token_ids
+    hot = SamplingParams(max_tokens=10, temperature=1.5, seed=9, ignore_eos=True, min_p=1.0)
+    assert engine.generate([prompt], hot)[0].token_ids == greedy
 
 
 def test_generate_is_all_or_nothing(engine):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fbjax.engine.sampling import filter_probs, sample_tokens
+from fbjax.engine.sampling import apply_logit_bias, filter_probs, sample_tokens
 
 
 def sorted_filter(logits: np.ndarray, temperature: float, top_k: int, top_p: float):
@@ -76,3 +76,25 @@ def test_same_seed_and_index_same_token():
                                       jnp.ones(4), seeds, index)) for _ in range(2)]
     np.testing.assert_array_equal(draws[0], draws[1])
     assert draws[0][0] == draws[0][1]
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3, 1.0])
+def test_min_p_keeps_tokens_of_at_least_min_p_times_the_most_likely(min_p):
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(4, 200)).astype(np.float32) * 2
+    kept = np.asarray(filter_probs(jnp.asarray(logits), jnp.ones(4), jnp.zeros(4, jnp.int32),
+                                   jnp.ones(4), jnp.full(4, min_p)))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = probs >= min_p * probs.max(-1, keepdims=True) * (1 - 1e-6)
+    np.testing.assert_array_equal(kept > 0, expected)
+
+
+def test_logit_bias_adds_at_its_tokens_only():
+    logits = jnp.zeros((2, 10))
+    ids = jnp.array([[3, 7, 0], [1, 0, 0]], jnp.int32)
+    values = jnp.array([[5.0, -2.0, 0.0], [1.5, 0.0, 0.0]])
+    out = np.asarray(apply_logit_bias(logits, ids, values))
+    expected = np.zeros((2, 10), np.float32)
+    expected[0, 3], expected[0, 7], expected[1, 1] = 5.0, -2.0, 1.5
+    np.testing.assert_array_equal(out, expected)

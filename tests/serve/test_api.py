@@ -168,6 +168,10 @@ def test_models_health_load(http):
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "min_p": 2}, 400, "min_p"),
     ({"prompt": [999]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x", "slo_ttft_ms": -5}, 400, "slo_ttft_ms"),
@@ -200,6 +204,17 @@ def test_completion_logprobs_streamed_and_not(client):
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].text == full.choices[0].text
+
+
+def test_logit_bias_and_min_p(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=0)
+    plain = client.completions.create(**kw)
+    forced = client.completions.create(logit_bias={"77": 100}, **kw)
+    assert len(set(forced.choices[0].logprobs.tokens)) == 1
+    assert forced.choices[0].text != plain.choices[0].text
+    hot = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=1.5,
+                                    seed=4, extra_body={"min_p": 1.0})
+    assert hot.choices[0].text == plain.choices[0].text  # min_p 1: only the top token
 
 
 def test_chat_logprobs_and_top_logprobs(client, http):

@@ -94,6 +94,10 @@ def submissions(state: ServerState, body: GenerateRequest, prompts: Prompts,
     settings = state.settings
     ttft = body.slo_ttft_ms if body.slo_ttft_ms is not None else settings.slo_ttft_ms
     tpot = body.slo_tpot_ms if body.slo_tpot_ms is not None else settings.slo_tpot_ms
+    try:
+        logit_bias = body.logit_bias_pairs()
+    except ValueError as e:
+        raise OpenAIError(400, str(e), "logit_bias") from None
     subs = []
     for ids in prompts.token_ids:
         max_tokens = fit_max_tokens(prompts.max_tokens, len(ids), state.max_model_len,
@@ -105,7 +109,8 @@ def submissions(state: ServerState, body: GenerateRequest, prompts: Prompts,
                                           temperature=body.temperature, top_p=body.top_p,
                                           top_k=max(body.top_k, 0), seed=seed, stop=stop,
                                           ignore_eos=body.ignore_eos,
-                                          logprobs=body.requested_logprobs())
+                                          logprobs=body.requested_logprobs(),
+                                          min_p=body.min_p, logit_bias=logit_bias)
                 state.engine.encode_and_validate(ids, sampling)
             except InvalidRequestError as e:
                 param = _SERVER_PARAMS.get(e.param, e.param)
