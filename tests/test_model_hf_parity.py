@@ -464,9 +464,18 @@ def test_engine_logprobs_match_hf(qwen_dir):
     prompts = [rng.integers(0, SMALL["vocab_size"], n).tolist() for n in (40, 7, 90)]
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5),
               SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)]
+              SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0,
+                             prompt_logprobs=3)]
     outs = engine.generate(prompts, params)
-    assert outs[1].logprobs is None
+    assert outs[1].logprobs is None and outs[0].prompt_logprobs is None
+    # The 90-token prompt, prefilled in chunks of at most 64 tokens: every prompt token
+    # after the first, scored by the position before it.
+    prompt, scored = prompts[2], outs[2].prompt_logprobs
+    want = torch.log_softmax(torch.tensor(hf_logits(hf_model, prompt)), -1).numpy()
+    assert [t.token_id for t in scored] == prompt[1:]
+    for j, lp in enumerate(scored):
+        assert lp.logprob == pytest.approx(float(want[j, prompt[j + 1]]), abs=1e-3)
+        assert [t for t, _ in lp.top] == np.argsort(-want[j])[:3].tolist()
     for prompt, sp, out in ((prompts[0], params[0], outs[0]), (prompts[2], params[2], outs[2])):
         assert len(out.logprobs) == len(out.token_ids) == sp.max_tokens
         sequence = prompt + out.token_ids

@@ -42,6 +42,9 @@ class RaggedBatch:
     attention: AttentionMetadata
     logits_indices: np.ndarray  # [S] int32: last token of each sequence
     sampling: SamplingInputs
+    # [T] int32: for a prompt token of a request that asked for its prompt's
+    # log-probabilities, the next prompt token (whose log-probability it gives); else -1
+    prompt_targets: np.ndarray
 
 
 def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBatch:
@@ -58,6 +61,7 @@ def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBa
             num_seqs=np.zeros((), i32),
         ),
         logits_indices=np.zeros(num_seqs, i32),
+        prompt_targets=np.full(num_tokens, -1, i32),
         sampling=SamplingInputs(
             temperature=np.zeros(num_seqs, np.float32),
             top_k=np.zeros(num_seqs, i32),
@@ -111,6 +115,12 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         seeds.append(0 if sp.seed is None else sp.seed)
         output_index.append(request.num_output_tokens)
         logprobs.append(-1 if sp.logprobs is None else sp.logprobs)
+        if sp.prompt_logprobs is not None and start + 1 < request.prompt_len:
+            # Token p predicts token p + 1; only prompt tokens are targets.
+            first = len(tokens) - count
+            last = min(start + count, request.prompt_len - 1)  # targets start+1 .. last
+            batch.prompt_targets[first:first + last - start] = \
+                request.token_ids[start + 1:last + 1]
         min_p.append(sp.min_p)
         if sp.logit_bias:
             ids, values = zip(*sp.logit_bias, strict=True)

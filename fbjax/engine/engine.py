@@ -73,6 +73,8 @@ class CompletionOutput:
     num_preemptions: int
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] | None = None  # one per token, if the request asked
+    # One per prompt token after the first, if the request asked (prompt_logprobs).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class LLMEngine:
@@ -263,8 +265,33 @@ class LLMEngine:
                    for i, c in enumerate(plan.chunks) if c.completes}
         self.scheduler.on_step_done(plan, sampled, now)
         self._record_logprobs(plan, result)
+        self._record_prompt_logprobs(plan, batch.attention.cu_q_lens, result)
         self.num_steps += 1
         return self._collect_outputs(plan, sampled)
+
+    @staticmethod
+    def _record_prompt_logprobs(plan: StepPlan, cu_q_lens, result) -> None:
+        """The log-probabilities of the prompt tokens this step's chunks predicted, for
+        the requests that asked; each prompt token once, in order (a chunk recomputed
+        after a preemption adds nothing)."""
+        rows = [(i, c) for i, c in enumerate(plan.chunks)
+                if c.request.sampling.prompt_logprobs is not None
+                and c.start + 1 < c.request.prompt_len]
+        if not rows:
+            return
+        chosen, ids, values = result.host_prompt_logprobs()
+        for i, chunk in rows:
+            request, n = chunk.request, chunk.request.sampling.prompt_logprobs
+            offset = int(cu_q_lens[i]) - chunk.start
+            done = request.prompt_logprobs
+            for position in range(chunk.start, min(chunk.start + chunk.num_tokens,
+                                                   request.prompt_len - 1)):
+                if position != len(done):  # predicts prompt token len(done) + 1
+                    continue
+                j = offset + position
+                top = tuple(zip(ids[j, :n].tolist(), values[j, :n].tolist(), strict=True))
+                done.append(TokenLogprob(request.token_ids[position + 1], float(chosen[j]),
+                                         top))
 
     @staticmethod
     def _record_logprobs(plan: StepPlan, result) -> None:
@@ -340,7 +367,9 @@ class LLMEngine:
             request_id, request.token_ids[:request.prompt_len], list(request.output_token_ids),
             text, request.status.value, request.arrival_time, list(request.token_times),
             request.finish_time, request.num_preemptions, request.num_cached_tokens,
-            list(request.output_logprobs) if request.sampling.logprobs is not None else None)
+            list(request.output_logprobs) if request.sampling.logprobs is not None else None,
+            (list(request.prompt_logprobs) if request.sampling.prompt_logprobs is not None
+             else None))
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache's contents (requests in flight keep their pages)."""

@@ -20,7 +20,12 @@ from fbjax_kernels.ragged_paged_attention import cpu_ffi, get_attention, resolve
 from fbjax.config import BucketConfig, CacheConfig, ModelConfig
 from fbjax.engine.batch import RaggedBatch, batch_shapes
 from fbjax.engine.buckets import CompiledBuckets
-from fbjax.engine.sampling import apply_logit_bias, sample_tokens, token_logprobs
+from fbjax.engine.sampling import (
+    apply_logit_bias,
+    prompt_token_logprobs,
+    sample_tokens,
+    token_logprobs,
+)
 from fbjax.engine.sharding import kv_pool_sharding, make_mesh, param_shardings
 from fbjax.engine.step_export import StepExporter
 from fbjax.model.llama import KVCache, LlamaForCausalLM
@@ -46,7 +51,10 @@ def make_step_fn(model: LlamaForCausalLM):
         tokens = sample_tokens(biased, s.temperature, s.top_k, s.top_p, s.seeds,
                                s.output_index, s.min_p)
         # Log-probabilities of the model's own distribution, before bias and filters.
-        return tokens, token_logprobs(logits, tokens, s.num_logprobs), kv_cache
+        prompt = prompt_token_logprobs(
+            lambda h: model.apply({"params": params}, h, method=LlamaForCausalLM.logits),
+            hidden, batch.prompt_targets, model.config.vocab_size)
+        return tokens, (token_logprobs(logits, tokens, s.num_logprobs), prompt), kv_cache
 
     return step
 
@@ -103,14 +111,20 @@ class ModelRunner:
         return StepResult(np.asarray(tokens), logprobs)
 
 
+Logprobs = tuple[jax.Array, jax.Array, jax.Array]  # chosen [N], top ids [N, K], top values
+
+
 @dataclasses.dataclass
 class StepResult:
-    """One step's output. ``logprobs`` (sampled token's [S], top ids [S, K], top
-    log-probabilities [S, K]) stay on device: copying them costs only steps that use them."""
+    """One step's output. The log-probabilities (of each row's sampled token, and of
+    each token's next prompt token) stay on device: copying them costs only steps that
+    use them."""
 
     tokens: np.ndarray
-    logprobs: tuple[jax.Array, jax.Array, jax.Array]
+    logprobs: tuple[Logprobs, Logprobs]
 
     def host_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chosen, ids, values = self.logprobs
-        return np.asarray(chosen), np.asarray(ids), np.asarray(values)
+        return tuple(np.asarray(a) for a in self.logprobs[0])
+
+    def host_prompt_logprobs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.asarray(a) for a in self.logprobs[1])

@@ -18,6 +18,8 @@ same tokens whatever else shares its batches and however its prompt was chunked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -111,14 +113,31 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, num_logprobs: jax.Array
     rows = logits.shape[0]
     k = min(MAX_LOGPROBS, logits.shape[-1])
 
-    def compute():
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-        top_lp, top_ids = jax.lax.top_k(logp, k)
-        return chosen, top_ids.astype(jnp.int32), top_lp
+    return jax.lax.cond(jnp.any(num_logprobs >= 0),
+                        lambda: _logprobs_of(logits, tokens, k),
+                        lambda: _no_logprobs(rows, k))
 
-    def skip():
-        return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, k), jnp.int32),
-                jnp.zeros((rows, k), jnp.float32))
 
-    return jax.lax.cond(jnp.any(num_logprobs >= 0), compute, skip)
+def prompt_token_logprobs(logits_of: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                          targets: jax.Array, vocab_size: int
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``token_logprobs`` for every token of the step whose ``targets`` >= 0 (the next
+    prompt token): ``logits_of(hidden)`` [T, V] is computed only in steps that hold such
+    a token (``lax.cond``), so scoring costs nothing to the steps that do not score."""
+    k = min(MAX_LOGPROBS, vocab_size)
+    return jax.lax.cond(
+        jnp.any(targets >= 0),
+        lambda: _logprobs_of(logits_of(hidden), jnp.maximum(targets, 0), k),
+        lambda: _no_logprobs(hidden.shape[0], k))
+
+
+def _logprobs_of(logits: jax.Array, tokens: jax.Array, k: int):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def _no_logprobs(rows: int, k: int):
+    return (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, k), jnp.int32),
+            jnp.zeros((rows, k), jnp.float32))

@@ -143,7 +143,10 @@ class Scheduler(abc.ABC):
                 f"request {request.request_id!r} needs up to "
                 f"{request.prompt_len + request.sampling.max_tokens} tokens of KV cache but the "
                 f"pool holds {self.kv.capacity_tokens}")
-        if self.kv.enable_prefix_caching and request.page_keys is None and request.token_ids:
+        # A request that wants its prompt's log-probabilities computes every prompt token
+        # (a cached prefix would skip them), as in vLLM.
+        if (self.kv.enable_prefix_caching and request.page_keys is None and request.token_ids
+                and request.sampling.prompt_logprobs is None):
             request.page_keys = token_page_keys(request.token_ids, self.kv.page_size)
         self.requests[request.request_id] = request
         self.waiting.append(request)

@@ -92,6 +92,9 @@ class SamplingParams:
     # Log-probability of each sampled token and of this many most likely alternatives
     # (0 to MAX_LOGPROBS); None: none.
     logprobs: int | None = None
+    # The same for every prompt token after the first (OpenAI's ``echo`` with
+    # ``logprobs``); None: none.
+    prompt_logprobs: int | None = None
     # Tokens whose probability is below min_p x the most likely token's are dropped
     # before sampling (0: off).
     min_p: float = 0.0
@@ -130,6 +133,12 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, "
                                       f"got {self.logprobs!r}", "logprobs")
+        if self.prompt_logprobs is not None and (
+                not _is_int(self.prompt_logprobs)
+                or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"prompt_logprobs must be an integer from 0 to "
+                                      f"{MAX_LOGPROBS}, got {self.prompt_logprobs!r}",
+                                      "prompt_logprobs")
         if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
@@ -194,8 +203,10 @@ class Request:
         # prompt tokens the cache supplied when the request was first admitted.
         self.page_keys: Sequence[Hashable] | None = None
         self.num_cached_tokens = 0
-        # One per output token when ``sampling.logprobs`` is set (the engine fills it).
+        # One per output token when ``sampling.logprobs`` is set, one per prompt token
+        # after the first when ``sampling.prompt_logprobs`` is (the engine fills them).
         self.output_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
 
     @property
     def num_tokens(self) -> int:

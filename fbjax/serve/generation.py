@@ -28,8 +28,15 @@ class Generation:
     """The engine requests behind one HTTP request, and their streamed text."""
 
     def __init__(self, state: ServerState, submissions: list[Submission],
-                 stop: tuple[str, ...], prompt_tokens: int) -> None:
+                 stop: tuple[str, ...], prompt_tokens: int, *,
+                 echo: list[tuple[str, list[int]]] | None = None,
+                 prompt_only: bool = False) -> None:
         self.state = state
+        # Per choice, its prompt's text and ids when the client asked for ``echo``;
+        # ``prompt_only``: the sampled token is not part of the answer (max_tokens 0).
+        self.echo = echo
+        self.prompt_only = prompt_only
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * len(submissions)
         self.submissions = submissions
         self.texts = [IncrementalText(state.tokenizer, stop) for _ in submissions]
         self.finish_reasons: list[str | None] = [None] * len(submissions)
@@ -101,9 +108,13 @@ class Generation:
                     yield i, delta, None
                 continue
             delta = text.finish(ev.final.text)  # the final text, cut at a stop string
-            self.final_texts[i] = ev.final.text
-            self.finish_reasons[i] = ev.final.finish_reason
-            self.completion_tokens += len(ev.final.token_ids)
+            self.final_texts[i] = "" if self.prompt_only else ev.final.text
+            self.finish_reasons[i] = "length" if self.prompt_only else ev.final.finish_reason
+            self.prompt_logprobs[i] = ev.final.prompt_logprobs
+            if self.prompt_only:
+                self.logprobs[i] = []
+            else:
+                self.completion_tokens += len(ev.final.token_ids)
             self.cached_tokens = max(self.cached_tokens, ev.final.num_cached_tokens)
             yield i, delta, ev.final.finish_reason
 

@@ -1,7 +1,7 @@
 """The OpenAI wire format: pydantic models for requests and responses, and error bodies.
 
 Requests accept what the official client sends. Fields fbjax cannot honour
-(``echo``, ``suffix``, penalties, ``tools``...) are
+(``suffix``, penalties, ``tools``...) are
 accepted at their neutral value and refused with a 400 naming the field otherwise,
 rather than silently ignored. Unknown fields are ignored, as OpenAI does.
 
@@ -97,8 +97,6 @@ class CompletionRequest(_SamplingFields):
 
     def unsupported(self) -> list[tuple[str, str]]:
         bad = super().unsupported()
-        if self.echo:
-            bad.append(("echo", "echo is not supported"))
         if self.suffix:
             bad.append(("suffix", "suffix is not supported"))
         if self.best_of is not None and self.best_of != self.n:

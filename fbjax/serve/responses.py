@@ -89,7 +89,30 @@ class CompletionBodies(ResponseBodies):
         return self.final_choice(index, delta, reason)
 
     def final_choice(self, index: int, text: str, reason: str | None) -> Body:
+        if self.gen.echo is not None:
+            text = self.gen.echo[index][0] + text
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+    def final(self) -> Body:
+        body = super().final()
+        if self.gen.echo is None:
+            return body
+        for i, choice in enumerate(body["choices"]):
+            generated = choice["logprobs"]
+            if generated is None:
+                continue
+            # The prompt's tokens come first; its first token has no log-probability.
+            prompt_text, prompt_ids = self.gen.echo[i]
+            first = self.token_text(prompt_ids[0])
+            prompt = self.logprobs(self.gen.prompt_logprobs[i] or [])
+            choice["logprobs"] = {
+                "tokens": [first, *prompt["tokens"], *generated["tokens"]],
+                "token_logprobs": [None, *prompt["token_logprobs"],
+                                   *generated["token_logprobs"]],
+                "top_logprobs": [None, *prompt["top_logprobs"], *generated["top_logprobs"]],
+                "text_offset": [0, *(o + len(first) for o in prompt["text_offset"]),
+                                *(o + len(prompt_text) for o in generated["text_offset"])]}
+        return body
 
     def logprobs(self, tokens: list[TokenLogprob]) -> Body:
         """OpenAI's legacy format: per token its text, log-probability, the top

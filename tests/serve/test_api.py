@@ -167,7 +167,8 @@ def test_models_health_load(http):
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "x", "logprobs": -1}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
+    ({"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
@@ -204,6 +205,29 @@ def test_completion_logprobs_streamed_and_not(client):
     assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].text == full.choices[0].text
+
+
+def test_echo_scores_a_text_as_generation_did(client, reference):
+    """How evaluation harnesses score a continuation: echo, max_tokens 0, logprobs. The
+    scores of a greedy continuation, read back this way, are those generation gave."""
+    ref = reference(PROMPT, 6)
+    generated = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6,
+                                          temperature=0, logprobs=0)
+    ids = list(ref.prompt_token_ids) + list(ref.token_ids)
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                       logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.token_logprobs[-6:] == pytest.approx(
+        generated.choices[0].logprobs.token_logprobs, abs=1e-5)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, echo=True,
+                                      temperature=0)
+    assert plain.choices[0].text.startswith(PROMPT) and plain.choices[0].logprobs is None
+    assert plain.usage.completion_tokens == 3
 
 
 def test_logit_bias_and_min_p(client):

@@ -23,7 +23,7 @@ def fake_generation(logprobs=None):
     return SimpleNamespace(final_texts=["ab", "cd"], finish_reasons=["stop", "length"],
                            num_choices=2, usage=lambda: USAGE,
                            wants_logprobs=lambda i: logprobs is not None and i == 0,
-                           take_logprobs=take, logprobs=[list(logprobs or []), []],
+                           take_logprobs=take, logprobs=[list(logprobs or []), []], echo=None,
                            state=SimpleNamespace(tokenizer=tokenizer))
 
 

@@ -50,6 +50,11 @@ class Prompts:
     token_ids: list[list[int]]  # one list per prompt; choice p * n + j is prompt p's j-th
     max_tokens: int | None  # the client's cap on new tokens; None: what the context leaves
     param: str  # the field max_tokens came from, for error messages
+    # ``echo``: each prompt's text, put before its choices' text (and its tokens' logprobs)
+    echo_texts: list[str] | None = None
+    # ``max_tokens: 0`` with ``echo``: run one token (a prefill samples one) and answer
+    # with the prompt only, as OpenAI's scoring requests expect
+    prompt_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +74,11 @@ async def generate(request: Request, state: ServerState, body: R,
     check_fits(state, len(spec.token_ids) * body.n)
     subs = submissions(state, body, spec, stop, arrival)
     admit(state, len(subs))
-    gen = Generation(state, subs, stop, spec.num_tokens)
+    echo = None if spec.echo_texts is None else [
+        (text, ids) for text, ids in zip(spec.echo_texts, spec.token_ids, strict=True)
+        for _ in range(body.n)]
+    gen = Generation(state, subs, stop, spec.num_tokens, echo=echo,
+                     prompt_only=spec.prompt_only)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(request, gen, body.stream, bodies(model, gen, include_usage))
 
@@ -110,6 +119,9 @@ def submissions(state: ServerState, body: GenerateRequest, prompts: Prompts,
                                           top_k=max(body.top_k, 0), seed=seed, stop=stop,
                                           ignore_eos=body.ignore_eos,
                                           logprobs=body.requested_logprobs(),
+                                          prompt_logprobs=(body.requested_logprobs()
+                                                           if prompts.echo_texts is not None
+                                                           else None),
                                           min_p=body.min_p, logit_bias=logit_bias)
                 state.engine.encode_and_validate(ids, sampling)
             except InvalidRequestError as e:
