@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -133,6 +134,23 @@ def run_trace(name: str, trace: Trace, profile: Profile, setting_name: str, mode
         "cluster_gain": _gain(cluster["fairbatching+pab"],
                               cluster["sarathi-oracle+round_robin"]),
     }
+
+
+def run_cell(name: str, trace: Trace, profile: Profile, setting_name: str, mode: Mode,
+             bar: tqdm, cells: Path, resume: bool, cell_steps: int) -> dict[str, Any]:
+    """``run_trace``, its result saved in ``cells`` as soon as it is done; with
+    ``resume``, a saved cell of the same mode, profile and trace is read back instead."""
+    path = cells / f"{name}-{setting_name}.json"
+    key = {"mode": dataclasses.asdict(mode), "profile": profile.name, "trace": name,
+           "num_requests": len(trace), "setting": setting_name}
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == json.loads(json.dumps(key)):
+            bar.update(cell_steps)
+            return saved["result"]
+    result = run_trace(name, trace, profile, setting_name, mode, bar)
+    path.write_text(json.dumps({"key": key, "result": result}) + "\n")
+    return result
 
 
 def _named(specs: list[PolicySpec], name_start: str) -> PolicySpec:
@@ -317,6 +335,11 @@ flags.DEFINE_string("profile", "a100-llama3-8b", "GPU latency profile.")
 flags.DEFINE_list("settings", list(DEFAULT_SETTINGS),
                   f"SLO settings of the protocol, of {list(SLO_SETTINGS)}.")
 flags.DEFINE_float("duration_s", None, "Seconds of each trace (default: the mode's).")
+flags.DEFINE_bool("resume", False, "Reuse the (trace, setting) cells a previous run with the "
+                  "same mode, profile and duration finished (saved in --cells_dir as each "
+                  "one ends): a long run interrupted goes on where it stopped.")
+flags.DEFINE_string("cells_dir", None, "Where finished cells are saved (default "
+                    "$XDG_CACHE_HOME/fbjax/reproduce, ~/.cache/fbjax/reproduce).")
 
 
 def main(argv: list[str]) -> int:
@@ -343,8 +366,12 @@ def main(argv: list[str]) -> int:
                                 ablations=mode.ablations, oracle_budgets=mode.oracle_budgets))
     steps = len(traces) * len(FLAGS.settings) * (
         per_cell + 1 + len(mode.sweep) + len(CLUSTER_COMBOS))
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    cells = Path(FLAGS.cells_dir or Path(cache) / "fbjax" / "reproduce").expanduser()
+    cells.mkdir(parents=True, exist_ok=True)
     with tqdm(total=steps, desc="reproduce", unit="search") as bar:
-        results = [run_trace(t, loaded[t], profile, setting, mode, bar)
+        results = [run_cell(t, loaded[t], profile, setting, mode, bar, cells, FLAGS.resume,
+                            steps // (len(traces) * len(FLAGS.settings)))
                    for t in traces for setting in FLAGS.settings]
     meta = {"command": "python -m fbjax.reproduce " + shlex.join(sys.argv[1:]),
             "mode": "quick" if FLAGS.quick else "full", "profile": profile.name,

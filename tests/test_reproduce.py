@@ -26,10 +26,28 @@ pytestmark = pytest.mark.skipif(TRACE not in available_traces(),
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     result = subprocess.run([sys.executable, "-m", "fbjax.reproduce", "--quick", "--traces",
-                             TRACE, "--out", str(out)], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=600)
+                             TRACE, "--out", str(out), "--cells_dir", str(out / "cells")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def test_a_resumed_run_reuses_the_finished_cells(report, tmp_path):
+    """With --resume a cell saved by an earlier run of the same mode is read back, not
+    searched again: a saved result altered on disk shows up in the new report."""
+    data = json.loads((report / "results.json").read_text())
+    cell = report / "cells" / f"{TRACE}-{data['meta']['settings'][0]}.json"
+    saved = json.loads(cell.read_text())
+    saved["result"]["capacity"]["fairbatching"] = 123.0
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / cell.name).write_text(json.dumps(saved))
+    result = subprocess.run([sys.executable, "-m", "fbjax.reproduce", "--quick", "--traces",
+                             TRACE, "--settings", data["meta"]["settings"][0], "--out",
+                             str(tmp_path), "--cells_dir", str(tmp_path / "cells"),
+                             "--resume"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| fairbatching | 123.000 |" in (tmp_path / "report.md").read_text()
 
 
 def test_writes_report_json_and_plots(report):
