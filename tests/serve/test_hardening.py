@@ -282,8 +282,14 @@ def test_api_key_from_the_environment(tmp_path):
 # ----- metrics count every outcome --------------------------------------------------------
 
 def test_metrics_count_rejections_by_status(hardened):
+    """Each rejection made here (not relying on other tests: under xdist a module-scoped
+    server may be rebuilt between them)."""
     post(hardened, {"prompt": "x", "top_k": 10**9})
     post(hardened, {"prompt": "x"}, key="wrong")
+    too_large = httpx.post(hardened.url + "/v1/completions", content=b"x" * 1_100_000,
+                           timeout=30, headers={"Authorization": f"Bearer {KEY}",
+                                                "Content-Type": "application/json"})
+    assert too_large.status_code == 413
     text = httpx.get(hardened.url + "/metrics", timeout=10).text
     assert metric(text, "fbjax_requests_rejected_total", {"status": "400"}) >= 1
     assert metric(text, "fbjax_requests_rejected_total", {"status": "401"}) >= 1
