@@ -31,7 +31,7 @@ TTFT SLOs that grow with the prompt it lets every short prompt that arrives pass
 one, and the absolute TTFT tail, made of the longest prompts, grows for nothing when no
 deadline was at risk. Under EDF a prompt that can no longer make its deadline, even
 prefilled alone from now on, gets a second deadline one TTFT SLO later
-(``late_prompts_last``): in a burst EDF would otherwise spend the next steps on a lost
+(``second_deadline_when_late``): in a burst EDF would otherwise spend the next steps on a lost
 cause and make the prompts behind it late as well.
 
 **Forward progress.** If nothing fits the budget (e.g. an SLO tighter than the
@@ -131,7 +131,7 @@ class FairBatchingConfig:
     # (uniform-strict): capacity 1.043 with it, 0.852 without (Sarathi oracle 0.807);
     # 1.057 with late prompts last (unbounded wait); unchanged (1.193, 1.207) under
     # proportional and token-stall SLOs. Its price: late prompts wait longer.
-    late_prompts_last: bool = True
+    second_deadline_when_late: bool = True
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:
@@ -172,7 +172,7 @@ class FairBatchingScheduler(Scheduler):
         self._waiting_keys: dict[str, tuple[tuple[float, int, str],
                                             tuple[float, int, str], float]] = {}
         self._waiting_work = 0.0  # their prefill_time(), summed
-        self.num_late_prompts = 0  # waiting prompts moved last (``_demote_late``)
+        self.num_late_prompts = 0  # waiting prompts given a second deadline (``_demote_late``)
         self._late_ids: set[str] = set()
         self._arrivals = itertools.count()
         # prefill_time(n) = linear * n + quadratic * n**2, exact at multiples of the knee.
@@ -277,7 +277,7 @@ class FairBatchingScheduler(Scheduler):
             queued += prefill_time(r.num_tokens) - prefill_time(r.num_computed_tokens)
         if queued * headroom <= earliest - now:
             return self._waiting_by_arrival, self.fcfs_key
-        if self.config.late_prompts_last:
+        if self.config.second_deadline_when_late:
             self._demote_late(now)
         return self._waiting_by_due, due
 

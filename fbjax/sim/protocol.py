@@ -253,7 +253,7 @@ def policy_specs(setting: Setting, *, oracle: bool = True, ablations: bool = Tru
             PolicySpec("fairbatching", label="fb-edf-only",
                        fairbatching=dataclasses.replace(fb, fcfs_headroom=None)),
             PolicySpec("fairbatching", label="fb-late-prompts-in-place",
-                       fairbatching=dataclasses.replace(fb, late_prompts_last=False)),
+                       fairbatching=dataclasses.replace(fb, second_deadline_when_late=False)),
         ]
     return out
 

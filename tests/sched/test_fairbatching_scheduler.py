@@ -472,7 +472,7 @@ def test_fcfs_headroom_none_is_always_by_deadline():
 
 @pytest.mark.parametrize("late_last", [True, False])
 def test_a_prompt_already_late_goes_after_those_still_on_time(late_last):
-    sched = make_fb(FairBatchingConfig(late_prompts_last=late_last), max_tokens=256)
+    sched = make_fb(FairBatchingConfig(second_deadline_when_late=late_last), max_tokens=256)
     put_waiting(sched, "late", 200, arrival=NOW - 3.05)  # due 0.05 s ago: late whatever runs
     put_waiting(sched, "on_time", 50, arrival=NOW - 2.5)  # due in 0.5 s
     # A deadline is at stake (EDF). The late prompt is still served, after the other.
