@@ -46,15 +46,25 @@ def engine(builtin_model):
     return LLMEngine(engine_config(), loaded=builtin_model)
 
 
-# Under pytest-xdist (``-n``) tests are spread over workers by group: one group per
-# module, so a module's fixtures (a server process, a compiled engine) are built once,
+# Under pytest-xdist (``-n``) tests are spread over workers by module, so a module's
+# fixtures (a server process, a compiled engine, a reproduction run) are built once,
 # except the kernel conformance suite, whose cases are independent and numerous enough
-# to be spread one by one.
-SPREAD_MODULES = {"tests.kernels.test_conformance"}
+# to be spread one by one. This is a scheduler of our own, not ``xdist_group`` marks:
+# with pytest >= 9 node ids are structured and xdist 3.8's ``--dist loadgroup`` no
+# longer sees the group suffix it writes, so every group was silently split across
+# workers (each building the module fixtures again).
+SPREAD_FILES = {"tests/kernels/test_conformance.py"}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__ if item.module else item.nodeid
-        if module not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (pyproject's addopts) by test file, SPREAD_FILES by test."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPREAD_FILES else path
+
+    return ByModule(config, log)
