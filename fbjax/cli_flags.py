@@ -39,7 +39,8 @@ flags.DEFINE_string("coordinator_address", "127.0.0.1:12355", "host:port of proc
 flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in a multi-host run.")
 flags.DEFINE_integer("process_id", 0, "This process's rank in a multi-host run.")
 flags.DEFINE_string("attention_impl", "auto", "Attention implementation (auto: cpu_ffi on CPU, "
-                    "or xla if it cannot be built; reference elsewhere).")
+                    "or xla if it cannot be built; pallas_gpu on GPU, pallas_tpu on TPU; "
+                    "reference: the jax.numpy ground truth, on any device).")
 
 FLAGS = flags.FLAGS
 

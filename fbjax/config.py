@@ -156,7 +156,9 @@ class EngineConfig:
     """Everything the engine needs; ``model=None`` means the built-in model."""
 
     model: str | None = None
-    attention_impl: str = "auto"  # "cpu_ffi" on CPU, "reference" elsewhere; see kernels
+    # auto: cpu_ffi on CPU, the Pallas kernel on GPU/TPU (pallas_gpu/pallas_tpu), else
+    # reference; any name (e.g. "reference") selects that one. See fbjax_kernels.
+    attention_impl: str = "auto"
     dtype: str = "float32"
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     buckets: BucketConfig = dataclasses.field(default_factory=BucketConfig)

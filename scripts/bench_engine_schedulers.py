@@ -15,7 +15,6 @@ CPU timings on a shared machine are noisy: rerun before trusting a single figure
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -44,76 +43,22 @@ flags.DEFINE_string("json", None, "Write all figures here.")
 
 def main(argv):
     del argv
-    from fbjax.replay.engine import (
-        calibrated_slice,
-        engine_profile,
-        replay_engine,
-        scheduler_config,
-        sim_policy_spec,
-    )
-    from fbjax.sim.experiment import SLO, capacity, simulate
+    from fbjax.replay.engine import calibrated_slice, compare_policies
+    from fbjax.sim.experiment import SLO
 
     slo = SLO(FLAGS.slo_ttft_ms / 1e3, FLAGS.slo_tpot_ms / 1e3)
     run = calibrated_slice(FLAGS.trace, FLAGS.start_s, FLAGS.duration_s, FLAGS.length_scale,
                            FLAGS.calibrate_s, slo, FLAGS.profile)
-    engine, trace, scaling = run.engine, run.trace, run.scaling
-    profile_path, sim_profile = run.profile_path, run.sim_profile
-    policies = ("sarathi", "fairbatching")
-    configs = {p: dataclasses.replace(scheduler_config(engine, p, slo,
-                                                       token_budget=FLAGS.sarathi_budget),
-                                      profile=str(profile_path))
-               for p in policies}
-    specs = {p: sim_policy_spec(dataclasses.replace(engine.config, scheduler=c), slo)
-             for p, c in configs.items()}
-    rate = FLAGS.rate_scale
-    if rate is None:
-        cap = capacity(trace, specs["sarathi"], sim_profile, slo, lo=0.25, hi=16.0)
-        rate = FLAGS.load * cap.rate_scale
-        print(f"simulated Sarathi capacity: rate scale {cap.rate_scale:.2f}; running at "
-              f"{FLAGS.load} x that = {rate:.2f}")
-    run_trace = trace.scaled(rate)
-    print(f"{run_trace.name}: {len(run_trace)} requests over {run_trace.duration_s:.0f} s "
-          f"({run_trace.mean_rate:.2f} req/s); {scaling.describe()}; SLO {slo.describe()}; "
-          f"Sarathi budget {FLAGS.sarathi_budget} tokens; profile {engine.profile_path}",
-          flush=True)
-    rows, figures = [], {}
-    for policy in policies:
-        sim = simulate(run_trace, specs[policy], sim_profile, slo)
-        engine.use_scheduler(configs[policy])
-        stats: dict = {}
-        real = replay_engine(engine, run_trace, slo, engine_profile(engine), policy=policy,
-                             reference=sim_profile.latency, stats=stats)
-        figures[policy] = {"engine_speed_vs_profile": stats["measured_s"]
-                           / max(stats["predicted_s"], 1e-12)}
-        for label, o in (("engine", real), ("simulator", sim)):
-            s = o.summary
-            f = {"ttft_p50_ms": s.ttft.p(50), "ttft_p99_ms": s.ttft.p(99),
-                 "tpot_p99_ms": s.tpot.p(99), "ttft_attain": s.ttft_attainment,
-                 "tpot_attain": s.tpot_attainment, "slo_attain": s.slo_attainment,
-                 "prefill_share": o.share.prefill_share,
-                 "preemptions": s.num_preemptions}
-            figures[policy][label] = f
-            rows.append(f"| {policy} | {label} | {f['ttft_p50_ms']:.0f} | {f['ttft_p99_ms']:.0f} "
-                        f"| {f['tpot_p99_ms']:.1f} | {f['ttft_attain']:.3f} "
-                        f"| {f['tpot_attain']:.3f} | {f['slo_attain']:.3f} "
-                        f"| {f['preemptions']} |")
-        print(f"{policy}: engine done ({len(real.result.steps)} steps; runner time "
-              f"{figures[policy]['engine_speed_vs_profile']:.2f}x the calibrated profile's "
-              "prediction)", flush=True)
-    print("\n| policy | executor | P50 TTFT ms | P99 TTFT ms | P99 TPOT ms | TTFT attain "
-          "| TPOT attain | SLO attain | preemptions |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
-    e = {p: figures[p]["engine"] for p in policies}
-    print(f"\nengine: P99 TTFT sarathi/fairbatching = "
-          f"{e['sarathi']['ttft_p99_ms'] / max(e['fairbatching']['ttft_p99_ms'], 1e-9):.2f}x; "
-          f"SLO attainment {e['sarathi']['slo_attain']:.3f} -> "
-          f"{e['fairbatching']['slo_attain']:.3f}")
+    result = compare_policies(run, slo, sarathi_budget=FLAGS.sarathi_budget,
+                              rate_scale=FLAGS.rate_scale, load=FLAGS.load)
+    print("\n" + result.table())
+    print("\n" + result.headline())
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps({
-            "trace": run_trace.name, "rate_scale": rate, "length_scaling": scaling.describe(),
-            "slo": slo.describe(), "profile": sim_profile.name, "calibrate_s": FLAGS.calibrate_s,
-            "results": figures},
+            "trace": result.trace.name, "rate_scale": result.rate_scale,
+            "length_scaling": run.scaling.describe(), "slo": slo.describe(),
+            "profile": run.sim_profile.name, "calibrate_s": FLAGS.calibrate_s,
+            "results": result.figures},
             indent=1) + "\n")
 
 

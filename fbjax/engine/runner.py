@@ -84,8 +84,11 @@ class ModelRunner:
             impl = resolve_impl(attention_impl)
             if impl == "cpu_ffi":
                 impl = f"cpu_ffi-{cpu_ffi.default_isa()}"
-            # What the step closes over that its argument shapes do not show.
-            context = f"{model_config!r}|{impl}|{jnp.dtype(dtype).name}"
+            # What the step closes over that its argument shapes do not show (the
+            # matmul precision too: a context such as jax.default_matmul_precision
+            # changes the traced program).
+            context = (f"{model_config!r}|{impl}|{jnp.dtype(dtype).name}"
+                       f"|{jax.default_matmul_precision.value}")
             exporter = StepExporter(export_dir, step, "step", context=context, custom_calls=[
                 cpu_ffi.target_name(isa) for isa in cpu_ffi.supported_isas()])
         start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Which device this is, in the words profiles are keyed by (asks JAX, so engine side).
+"""Which device this is, in the words profiles are keyed by (asks JAX, so engine side),
+and what its memory can move at best (``hbm_peak_tbs``).
 
 See :mod:`fbjax.profiling.store` for what the keys mean and how they are matched.
 """
@@ -10,6 +11,26 @@ import platform
 import re
 from pathlib import Path
 from typing import Any
+
+# Peak HBM bandwidth in TB/s from the vendors' data sheets, by a pattern of the JAX
+# ``device_kind`` (lowercased), the first match winning: the yardstick of a decode
+# kernel, which reads the KV cache once. Kinds named only by the form factor
+# ("NVIDIA H100 PCIe") come before the bare name ("NVIDIA H100 80GB HBM3" is SXM).
+HBM_PEAK_TBS: tuple[tuple[str, float], ...] = (
+    (r"\bh100\b.*\bpcie\b", 2.0),
+    (r"\bh100\b.*\bnvl\b", 3.9),
+    (r"\bh100\b", 3.35),  # SXM
+    (r"\bh200\b", 4.8),
+    (r"\ba100\b.*\b80\s?gb\b", 2.0),  # SXM4 2.04, PCIe 1.94
+    (r"\ba100\b", 1.555),  # 40 GB
+    (r"\bl40s\b", 0.864),
+    (r"\bl4\b", 0.3),
+    (r"\ba10g\b", 0.6),
+    (r"\btpu v4\b", 1.2),
+    (r"\btpu v5 ?(lite|e)\b", 0.819),  # v5e's device_kind is "TPU v5 lite"
+    (r"\btpu v5p?\b", 2.765),
+    (r"\btpu v6 ?(lite|e)\b", 1.64),
+)
 
 
 def device_key_of(platform_name: str, device_kind: str) -> str:
@@ -54,3 +75,13 @@ def _cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def hbm_peak_tbs(device_kind: str) -> float | None:
+    """The device's peak HBM bandwidth in TB/s (``HBM_PEAK_TBS``); None when unknown
+    (a CPU, a card not in the table): then no share of the peak is reported."""
+    kind = device_kind.lower()
+    for pattern, tbs in HBM_PEAK_TBS:
+        if re.search(pattern, kind):
+            return tbs
+    return None

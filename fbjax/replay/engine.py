@@ -292,15 +292,22 @@ class CalibratedSlice:
     sim_profile: Profile
 
 
-def calibrated_slice(trace_name: str, start_s: float, duration_s: float,
+def calibrated_slice(trace_name: str | Trace, start_s: float, duration_s: float,
                      length_scale: str, calibrate_s: float, slo: SLO,
-                     profile: str | None = None) -> CalibratedSlice:
+                     profile: str | None = None, *, engine=None) -> CalibratedSlice:
     """A FairBatching engine and the slice ``[start_s, start_s + duration_s)`` of the
-    trace; with ``calibrate_s`` > 0 the preceding seconds run on the engine first, so
-    online refinement brings the profile to the machine's present speed."""
-    engine = build_engine("fairbatching", profile=profile, slo=slo)
+    trace (a name or a Trace); with ``calibrate_s`` > 0 the preceding seconds run on the
+    engine first, so online refinement brings the profile to the machine's present
+    speed. ``engine``: an idle compiled engine to switch to FairBatching on ``profile``
+    (default: a new engine of the built-in model)."""
+    if engine is None:
+        engine = build_engine("fairbatching", profile=profile, slo=slo)
+    else:
+        sched = scheduler_config(engine, "fairbatching", slo)
+        engine.use_scheduler(sched if profile is None
+                             else dataclasses.replace(sched, profile=str(profile)))
     base = engine_profile(engine)
-    full = load_trace(trace_name)
+    full = trace_name if isinstance(trace_name, Trace) else load_trace(trace_name)
     trace = full.sliced(start_s, start_s + duration_s)
     scale = None if length_scale == "auto" else float(length_scale)
     trace, scaling = fit_lengths(trace, engine.max_model_len, scale)
@@ -319,3 +326,96 @@ def calibrated_slice(trace_name: str, start_s: float, duration_s: float,
                           base.page_size,
                           float(calibrated.metadata.get("host_overhead_s", 0.0)))
     return CalibratedSlice(engine, trace, scaling, Path(profile_path), sim_profile)
+
+
+@dataclasses.dataclass
+class PolicyComparison:
+    """Policies run one after the other on one engine over the very same requests:
+    ``figures[policy]`` holds the engine's and the simulator's figures (``"engine"``,
+    ``"simulator"``) and how fast the engine ran against the calibrated profile."""
+
+    trace: Trace  # as run: rate-scaled (and cut to ``max_wall_s``)
+    rate_scale: float
+    slo: SLO
+    sarathi_budget: int
+    figures: dict[str, dict[str, Any]]
+
+    def table(self) -> str:
+        """A markdown table: one row per policy and executor."""
+        lines = ["| policy | executor | P50 TTFT ms | P99 TTFT ms | P99 TPOT ms | TTFT attain "
+                 "| TPOT attain | SLO attain | preemptions |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for policy, by_executor in self.figures.items():
+            for label in ("engine", "simulator"):
+                f = by_executor[label]
+                lines.append(f"| {policy} | {label} | {f['ttft_p50_ms']:.0f} "
+                             f"| {f['ttft_p99_ms']:.0f} | {f['tpot_p99_ms']:.1f} "
+                             f"| {f['ttft_attain']:.3f} | {f['tpot_attain']:.3f} "
+                             f"| {f['slo_attain']:.3f} | {f['preemptions']} |")
+        return "\n".join(lines)
+
+    def headline(self, baseline: str = "sarathi", policy: str = "fairbatching") -> str:
+        """The engine's P99 TTFT ratio and SLO attainment, baseline -> ``policy``."""
+        b, p = self.figures[baseline]["engine"], self.figures[policy]["engine"]
+        return (f"engine: P99 TTFT {baseline}/{policy} = "
+                f"{b['ttft_p99_ms'] / max(p['ttft_p99_ms'], 1e-9):.2f}x; "
+                f"SLO attainment {b['slo_attain']:.3f} -> {p['slo_attain']:.3f}")
+
+
+def _outcome_figures(o: Outcome) -> dict[str, Any]:
+    s = o.summary
+    return {"ttft_p50_ms": s.ttft.p(50), "ttft_p99_ms": s.ttft.p(99),
+            "tpot_p99_ms": s.tpot.p(99), "ttft_attain": s.ttft_attainment,
+            "tpot_attain": s.tpot_attainment, "slo_attain": s.slo_attainment,
+            "prefill_share": o.share.prefill_share, "preemptions": s.num_preemptions,
+            "requests": len(o.records)}
+
+
+def compare_policies(run: CalibratedSlice, slo: SLO, *,
+                     policies: tuple[str, ...] = ("sarathi", "fairbatching"),
+                     sarathi_budget: int = 128, rate_scale: float | None = None,
+                     load: float = 1.3, max_wall_s: float | None = None,
+                     log: Callable[[str], None] | None = None) -> PolicyComparison:
+    """Run ``policies`` one after the other on ``run``'s engine over the same requests,
+    each beside the simulator's prediction on the calibrated profile. The arrival rate
+    is ``rate_scale`` or ``load`` x Sarathi's simulated capacity (99% SLO attainment)
+    on the slice; ``max_wall_s`` keeps only the requests arriving in that many seconds
+    of the rate-scaled slice (a replay runs in real time)."""
+    from fbjax.sim.experiment import capacity, simulate
+
+    log = log or (lambda line: print(line, flush=True))
+    engine, sim_profile = run.engine, run.sim_profile
+    configs = {p: dataclasses.replace(scheduler_config(engine, p, slo,
+                                                       token_budget=sarathi_budget),
+                                      profile=str(run.profile_path))
+               for p in policies}
+    specs = {p: sim_policy_spec(dataclasses.replace(engine.config, scheduler=c), slo)
+             for p, c in configs.items()}
+    if rate_scale is None:
+        cap = capacity(run.trace, specs["sarathi"], sim_profile, slo, lo=0.25, hi=16.0)
+        rate_scale = load * cap.rate_scale
+        log(f"simulated Sarathi capacity: rate scale {cap.rate_scale:.2f}; running at "
+            f"{load} x that = {rate_scale:.2f}")
+    trace = run.trace.scaled(rate_scale)
+    if max_wall_s is not None:
+        trace = trace.sliced(0.0, max_wall_s)
+    if not len(trace):
+        raise ValueError(f"no request of {run.trace.name} arrives in the first "
+                         f"{max_wall_s} s at rate scale {rate_scale:.2f}")
+    log(f"{trace.name}: {len(trace)} requests over {trace.duration_s:.0f} s "
+        f"({trace.mean_rate:.2f} req/s); {run.scaling.describe()}; SLO {slo.describe()}; "
+        f"Sarathi budget {sarathi_budget} tokens; profile {engine.profile_path}")
+    figures: dict[str, dict[str, Any]] = {}
+    for policy in policies:
+        sim = simulate(trace, specs[policy], sim_profile, slo)
+        engine.use_scheduler(configs[policy])
+        stats: dict = {}
+        real = replay_engine(engine, trace, slo, engine_profile(engine), policy=policy,
+                             reference=sim_profile.latency, stats=stats)
+        speed = stats["measured_s"] / max(stats["predicted_s"], 1e-12)
+        figures[policy] = {"engine_speed_vs_profile": speed,
+                           "engine": _outcome_figures(real),
+                           "simulator": _outcome_figures(sim)}
+        log(f"{policy}: engine done ({len(real.result.steps)} steps; runner time "
+            f"{speed:.2f}x the calibrated profile's prediction)")
+    return PolicyComparison(trace, rate_scale, slo, sarathi_budget, figures)

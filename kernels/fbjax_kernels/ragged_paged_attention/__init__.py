@@ -3,9 +3,13 @@
 ``reference`` (jax.numpy) is the ground truth. ``xla`` (jax.numpy too) computes the
 same thing organised for XLA on CPU. ``cpu_ffi`` is a C++ kernel called through the
 XLA FFI that reads the paged cache in place, and is the CPU path. Pallas kernels for
-GPU and TPU plug in here under the same signature (see ``IMPLEMENTATIONS``). ``auto``
-picks ``cpu_ffi`` on CPU (``xla``, with a warning saying why, if the C++ kernel cannot
-be built here) and ``reference`` elsewhere.
+GPU (Triton) and TPU (Mosaic) plug in here under the same signature (see
+``IMPLEMENTATIONS``). ``auto`` picks the platform's own kernel: ``cpu_ffi`` on CPU
+(``xla``, with a warning saying why, if the C++ kernel cannot be built here),
+``pallas_gpu`` on GPU, ``pallas_tpu`` on TPU, ``reference`` on any other platform
+(``resolve_attention_impl``). What vouches for the Pallas choice is stage 2 of
+``scripts/device_check.py``: the conformance suite compiled for the device, not
+interpreted (docs/devices.md). ``reference`` stays selectable by name everywhere.
 """
 
 from __future__ import annotations
@@ -49,14 +53,28 @@ def _cpu_ffi_for_auto() -> bool:
     return True
 
 
+# ``auto`` on an accelerator: its Pallas kernel (JAX platform name -> implementation).
+PALLAS_FOR_PLATFORM = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+
+
+def resolve_attention_impl(platform: str, requested: str = "auto", *,
+                           cpu_ffi_available: Callable[[], bool] = _cpu_ffi_for_auto) -> str:
+    """What ``requested`` means on JAX platform ``platform`` (``jax.default_backend()``):
+    a name is itself; ``auto`` is the platform's kernel (see the module docstring).
+    ``cpu_ffi_available`` is asked only for ``auto`` on CPU (it may build the kernel)."""
+    if requested != "auto":
+        return requested
+    if platform == "cpu":
+        return "cpu_ffi" if cpu_ffi_available() else "xla"
+    return PALLAS_FOR_PLATFORM.get(platform, "reference")
+
+
 def resolve_impl(impl: str) -> str:
     """``auto`` -> the default for the current JAX backend; other names unchanged."""
     if impl == "auto":
         import jax
 
-        if jax.default_backend() != "cpu":
-            return "reference"
-        return "cpu_ffi" if _cpu_ffi_for_auto() else "xla"
+        return resolve_attention_impl(jax.default_backend(), impl)
     return impl
 
 
@@ -78,5 +96,5 @@ def get_attention(impl: str) -> Callable:
     return fn
 
 
-__all__ = ["cpu_ffi", "get_attention", "reference_attention", "resolve_impl", "write_kv",
-           "xla_attention", "IMPLEMENTATIONS"]
+__all__ = ["cpu_ffi", "get_attention", "reference_attention", "resolve_attention_impl",
+           "resolve_impl", "write_kv", "xla_attention", "IMPLEMENTATIONS", "PALLAS_FOR_PLATFORM"]
