@@ -47,7 +47,9 @@ def test_a_resumed_run_reuses_the_finished_cells(report, tmp_path):
                              "--resume"], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| fairbatching | 123.000 |" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "| fairbatching | 123.000 |" in text
+    assert "1 of 1 (trace, setting) cells read back" in text  # the report says so
 
 
 def test_writes_report_json_and_plots(report):
@@ -101,6 +103,10 @@ def test_the_headline_baseline_is_the_sarathi_oracle(report):
         assert f"| {run['oracle']} |" in row
         if run["deployed"] != run["oracle"]:
             assert run["deployed"] not in headline
+        # the cluster baseline too: the oracle behind a load-aware router, not round robin
+        assert run["cluster_gain"] == pytest.approx(
+            run["cluster_capacity"]["fairbatching+pab"]
+            / run["cluster_capacity"]["sarathi-oracle+least_requests"] - 1)
 
 
 def test_bad_trace_is_a_clear_cli_error(tmp_path):
