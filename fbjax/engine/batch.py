@@ -9,6 +9,7 @@ page table per sequence.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from fbjax.model.llama import AttentionMetadata
 from fbjax.sched.base import StepPlan
 from fbjax.sched.kv_cache import KVCacheManager
-from fbjax.sched.request import MAX_LOGIT_BIAS
+from fbjax.sched.request import MAX_LOGIT_BIAS, Request
 
 
 @jax.tree_util.register_dataclass
@@ -31,6 +32,11 @@ class SamplingInputs:
     output_index: np.ndarray  # int32: which output token this sample is (folds the key)
     num_logprobs: np.ndarray  # int32: alternatives to return per token; -1 = no logprobs
     min_p: np.ndarray  # float32; 0 = off
+    presence_penalty: np.ndarray  # float32
+    frequency_penalty: np.ndarray  # float32
+    repetition_penalty: np.ndarray  # float32
+    # int32: the row's slot in the penalty state (engine/penalties.py); -1: no penalties
+    penalty_slot: np.ndarray
     bias_ids: np.ndarray  # [S, MAX_LOGIT_BIAS] int32: logit_bias tokens (padding: 0)
     bias_values: np.ndarray  # [S, MAX_LOGIT_BIAS] float32: their biases (padding: 0)
 
@@ -70,13 +76,33 @@ def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBa
             output_index=np.zeros(num_seqs, i32),
             num_logprobs=np.full(num_seqs, -1, i32),
             min_p=np.zeros(num_seqs, np.float32),
+            presence_penalty=np.zeros(num_seqs, np.float32),
+            frequency_penalty=np.zeros(num_seqs, np.float32),
+            repetition_penalty=np.ones(num_seqs, np.float32),
+            penalty_slot=np.full(num_seqs, -1, i32),
             bias_ids=np.zeros((num_seqs, MAX_LOGIT_BIAS), i32),
             bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32),
         ),
     )
 
 
-def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> RaggedBatch:
+# The per-row scalars of SamplingInputs, in the order ``_sampling_row`` gives them.
+_ROW_COLUMNS = ("temperature", "top_k", "top_p", "seeds", "output_index", "num_logprobs",
+                "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                "penalty_slot")
+
+
+def _sampling_row(request: Request, penalty_slot: int) -> tuple:
+    """One row of ``_ROW_COLUMNS``: the request's controls for the token it samples."""
+    sp = request.sampling
+    return (sp.temperature, sp.top_k, sp.top_p, 0 if sp.seed is None else sp.seed,
+            request.num_output_tokens, -1 if sp.logprobs is None else sp.logprobs,
+            sp.min_p, sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty,
+            penalty_slot)
+
+
+def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int,
+                penalty_slots: Mapping[str, int] | None = None) -> RaggedBatch:
     """Fill a bucket-shaped batch from the plan's chunks and their page tables.
 
     Python touches each chunk once (its tokens, page table and sampling controls);
@@ -84,6 +110,8 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
 
     Unseeded requests sample with seed 0 here; the engine gives each one a seed of its
     own when it is added, so this default only matters to direct callers.
+    ``penalty_slots`` maps the requests whose sampled token is penalized in this step to
+    their slots in the runner's penalty state (none: no row is penalized).
     """
     num_tokens, num_seqs = plan.bucket
     batch = batch_shapes(num_tokens, num_seqs, pages_per_seq)
@@ -95,9 +123,9 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     att.num_seqs[...] = n
     if not n:
         return batch
+    penalty_slots = penalty_slots or {}
     tokens: list[int] = []
-    starts, lens = [], []
-    temperature, top_k, top_p, seeds, output_index, logprobs, min_p = [], [], [], [], [], [], []
+    starts, lens, rows = [], [], []
     for i, chunk in enumerate(chunks):
         request, count, start = chunk.request, chunk.num_tokens, chunk.start
         if count == 1:
@@ -109,19 +137,13 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         table = kv.block_table(request.request_id)
         att.page_indices[i, :len(table)] = table
         sp = request.sampling
-        temperature.append(sp.temperature)
-        top_k.append(sp.top_k)
-        top_p.append(sp.top_p)
-        seeds.append(0 if sp.seed is None else sp.seed)
-        output_index.append(request.num_output_tokens)
-        logprobs.append(-1 if sp.logprobs is None else sp.logprobs)
+        rows.append(_sampling_row(request, penalty_slots.get(request.request_id, -1)))
         if sp.prompt_logprobs is not None and start + 1 < request.prompt_len:
             # Token p predicts token p + 1; only prompt tokens are targets.
             first = len(tokens) - count
             last = min(start + count, request.prompt_len - 1)  # targets start+1 .. last
             batch.prompt_targets[first:first + last - start] = \
                 request.token_ids[start + 1:last + 1]
-        min_p.append(sp.min_p)
         if sp.logit_bias:
             ids, values = zip(*sp.logit_bias, strict=True)
             smp.bias_ids[i, :len(ids)] = ids
@@ -140,11 +162,6 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     att.cu_q_lens[1:n + 1] = ends
     att.cu_q_lens[n + 1:] = total
     batch.logits_indices[:n] = ends - 1
-    smp.temperature[:n] = temperature
-    smp.top_k[:n] = top_k
-    smp.top_p[:n] = top_p
-    smp.seeds[:n] = seeds
-    smp.output_index[:n] = output_index
-    smp.num_logprobs[:n] = logprobs
-    smp.min_p[:n] = min_p
+    for name, column in zip(_ROW_COLUMNS, zip(*rows, strict=True), strict=True):
+        getattr(smp, name)[:n] = column
     return batch
