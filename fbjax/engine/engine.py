@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from fbjax.config import EngineConfig, SchedulerConfig
 from fbjax.engine.batch import build_batch
 from fbjax.engine.buckets import enable_compilation_cache, steps_dir
+from fbjax.engine.penalties import PenaltySlots
 from fbjax.engine.runner import ModelRunner
 from fbjax.model.weights import LoadedModel, load_model
 from fbjax.profiling import measure as measure_module
@@ -101,6 +102,7 @@ class LLMEngine:
                                   export_dir=steps_dir(config.compilation_cache_dir))
         if self._profile_pending:  # measured on the compiled buckets
             self.use_scheduler(sched)
+        self.penalty_slots = PenaltySlots(self.runner.num_penalty_slots)
         self._ids = itertools.count()
         self._seeds = random.Random(mc.seed)
         self._stop_texts: dict[str, str] = {}  # text cut at a stop string
@@ -254,7 +256,8 @@ class LLMEngine:
         self.last_plan = plan
         if plan.is_empty:
             return []
-        batch = build_batch(plan, self.kv, self.runner.pages_per_seq)
+        batch = build_batch(plan, self.kv, self.runner.pages_per_seq,
+                            self._penalty_slots(plan))
         start = self.step_clock()
         result = self.runner.run(batch)
         sampled_rows = result.tokens
@@ -268,6 +271,18 @@ class LLMEngine:
         self._record_prompt_logprobs(plan, batch.attention.cu_q_lens, result)
         self.num_steps += 1
         return self._collect_outputs(plan, sampled)
+
+    def _penalty_slots(self, plan: StepPlan) -> dict[str, int]:
+        """The penalty slots of the penalized requests that sample in this step, their
+        rows rebuilt on device where a slot is newly lent (engine/penalties.py)."""
+        penalized = [c.request for c in plan.chunks
+                     if c.completes and c.request.sampling.has_penalties]
+        if not penalized:
+            return {}
+        slots, fresh = self.penalty_slots.assign(penalized)
+        for slot, request in fresh:
+            self.runner.init_penalty_slot(slot, request.token_ids, request.prompt_len)
+        return slots
 
     @staticmethod
     def _record_prompt_logprobs(plan: StepPlan, cu_q_lens, result) -> None:

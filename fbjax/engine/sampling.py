@@ -1,5 +1,5 @@
-"""Token sampling inside the compiled step: logit bias, greedy, temperature, top-k,
-top-p, min-p, and the log-probabilities a request may ask for.
+"""Token sampling inside the compiled step: logit bias, penalties, greedy, temperature,
+top-k, top-p, min-p, and the log-probabilities a request may ask for.
 
 Runs on device so only one int per sequence comes back to the host.
 
@@ -50,6 +50,23 @@ def apply_logit_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> ja
     ``logit_bias``; unused entries add 0 to token 0)."""
     rows = jnp.arange(logits.shape[0])[:, None]
     return logits.at[rows, ids].add(values.astype(logits.dtype))
+
+
+def apply_penalties(logits: jax.Array, output_counts: jax.Array, prompt_seen: jax.Array,
+                    presence: jax.Array, frequency: jax.Array, repetition: jax.Array
+                    ) -> jax.Array:
+    """``logits`` [S, V] penalized as vLLM does, in its order (after the logit bias,
+    before temperature): the repetition penalty [S] on every token of the prompt or the
+    output (a positive logit divided by it, another multiplied, as transformers'
+    ``RepetitionPenaltyLogitsProcessor``), then OpenAI's ``frequency`` x the token's count
+    in the output and ``presence`` x whether it occurs there. ``output_counts`` [S, V]
+    int32, ``prompt_seen`` [S, V] bool."""
+    seen = prompt_seen | (output_counts > 0)
+    scale = jnp.where(seen, repetition[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / scale, logits * scale)
+    counts = output_counts.astype(logits.dtype)
+    return (logits - frequency[:, None] * counts
+            - presence[:, None] * (output_counts > 0).astype(logits.dtype))
 
 
 def filter_probs(logits, temperature, top_k, top_p, min_p=None) -> jax.Array:

@@ -41,6 +41,8 @@ MAX_LOGPROBS = 20
 # takes this many, unused ones adding 0.
 MAX_LOGIT_BIAS = 300
 LOGIT_BIAS_RANGE = 100.0  # |bias| <= this, as OpenAI
+PENALTY_RANGE = 2.0  # |presence_penalty|, |frequency_penalty| <= this, as OpenAI
+MAX_REPETITION_PENALTY = 2.0  # repetition_penalty in (0, this], as vLLM
 
 
 class InvalidRequestError(ValueError):
@@ -100,6 +102,13 @@ class SamplingParams:
     min_p: float = 0.0
     # (token id, bias) pairs added to the logits before sampling, greedy included.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # OpenAI's penalties on the tokens generated so far: ``presence`` once per token
+    # that occurred, ``frequency`` per occurrence, subtracted from its logit (0: off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' and vLLM's, over the prompt's and the generated tokens: a positive
+    # logit is divided by it, another multiplied (1: off; > 1 discourages repeats).
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -150,6 +159,26 @@ class SamplingParams:
                 raise InvalidRequestError(
                     f"logit_bias maps token ids to numbers in [-{LOGIT_BIAS_RANGE:g}, "
                     f"{LOGIT_BIAS_RANGE:g}], got {entry!r}", "logit_bias")
+        self._check_penalties()
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or abs(value) > PENALTY_RANGE:
+                raise InvalidRequestError(f"{name} must be a number in [-{PENALTY_RANGE:g}, "
+                                          f"{PENALTY_RANGE:g}], got {value!r}", name)
+        value = self.repetition_penalty
+        if not _is_real(value) or not 0.0 < value <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(f"repetition_penalty must be a number in (0, "
+                                      f"{MAX_REPETITION_PENALTY:g}] (1 is off), got "
+                                      f"{value!r}", "repetition_penalty")
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling depends on the tokens seen so far (the engine then keeps
+        their counts on device for this request)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

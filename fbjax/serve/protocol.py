@@ -1,11 +1,12 @@
 """The OpenAI wire format: pydantic models for requests and responses, and error bodies.
 
 Requests accept what the official client sends. Fields fbjax cannot honour
-(``suffix``, penalties, ``tools``...) are
+(``suffix``, ``tools``...) are
 accepted at their neutral value and refused with a 400 naming the field otherwise,
 rather than silently ignored. Unknown fields are ignored, as OpenAI does.
 
-Extra fields beyond OpenAI's: ``top_k`` (0 or -1 disables it), ``min_p``, ``ignore_eos``, and
+Extra fields beyond OpenAI's, as vLLM names them: ``top_k`` (0 or -1 disables it),
+``min_p``, ``repetition_penalty`` (1 is off), ``stop_token_ids``, ``ignore_eos``, and
 per-request SLO overrides ``slo_ttft_ms`` / ``slo_tpot_ms`` (the scheduler's deadlines for this
 request; defaults come from ``--slo_ttft_ms`` / ``--slo_tpot_ms``).
 
@@ -47,6 +48,7 @@ class _SamplingFields(_Strict):
     min_p: float = 0.0  # extra, as vLLM
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # extra, as vLLM
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -55,19 +57,22 @@ class _SamplingFields(_Strict):
     # Extra: per-request SLO overrides (milliseconds).
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
-    # Accepted only at their neutral values (see the module docstring).
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = None  # None: 0
+    frequency_penalty: float | None = None  # None: 0
+    repetition_penalty: float | None = None  # extra, as vLLM; None: 1 (off)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for every field set to something fbjax does not implement."""
-        bad = []
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                bad.append((name, f"{name} is not supported; omit it or send 0"))
-        return bad
+        return []
+
+    def penalties(self) -> dict[str, float]:
+        """The penalty fields as SamplingParams takes them (null is the neutral value)."""
+        return {"presence_penalty": self.presence_penalty or 0.0,
+                "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": (1.0 if self.repetition_penalty is None
+                                       else self.repetition_penalty)}
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs; its keys are token ids as strings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 from fbjax.config import BucketConfig, CacheConfig, SchedulerConfig
 from fbjax.engine.engine import InvalidRequestError, LLMEngine
+from fbjax.engine.penalties import PenaltySlots
 from fbjax.sched.request import SamplingParams
 from tests.conftest import engine_config
 
@@ -70,7 +72,9 @@ def test_zero_recompiles_after_warmup(engine):
             prompt = random_prompts(1, 1, 200, seed=rng.randrange(10**6))[0]
             sampling = SamplingParams(max_tokens=rng.randint(1, 30),
                                       temperature=rng.choice([0.0, 0.7, 1.3]),
-                                      top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]))
+                                      top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]),
+                                      repetition_penalty=rng.choice([1.0, 1.0, 1.2]),
+                                      frequency_penalty=rng.choice([0.0, 0.5]))
             engine.add_request(prompt, sampling)
         engine.step()
         steps += 1
@@ -176,6 +180,13 @@ def test_bad_requests_are_clear_errors(engine, prompt, sampling, message):
     ({"logit_bias": {5: 101.0}}, "logit_bias"),
     ({"logit_bias": {5: float("nan")}}, "logit_bias"),
     ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+    ({"presence_penalty": "1"}, "presence_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": 2.5}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -205,6 +216,81 @@ def test_min_p_one_keeps_only_the_most_likely_token(engine):
     greedy = engine.generate([prompt], GREEDY)[0].token_ids
     hot = SamplingParams(max_tokens=10, temperature=1.5, seed=9, ignore_eos=True, min_p=1.0)
     assert engine.generate([prompt], hot)[0].token_ids == greedy
+
+
+PENALIZED = [
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=0.8,
+                   frequency_penalty=0.6),
+    SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True,
+                   presence_penalty=-0.5, frequency_penalty=1.0, repetition_penalty=0.8),
+]
+
+
+def test_penalties_are_batch_invariant(engine):
+    """A penalized request gives the same tokens alone and beside other requests
+    (penalized or not, chunk-prefilled or decoding), and requests without penalties
+    are not touched by their neighbours' (so the slots never mix rows)."""
+    prompts = random_prompts(6, 5, 90, seed=21)
+    params = [*PENALIZED, GREEDY, *PENALIZED[:2]]
+    alone = [engine.generate([p], s)[0].token_ids for p, s in zip(prompts, params, strict=True)]
+    together = [o.token_ids for o in engine.generate(prompts, params)]
+    assert together == alone
+    plain = [engine.generate([p], GREEDY)[0].token_ids for p in prompts[:2]]
+    assert [alone[0], alone[1]] != plain  # the penalties did something
+
+
+def test_presence_and_frequency_pick_the_penalized_argmax(engine):
+    """Greedy under presence/frequency penalties picks, at every step, the token whose
+    log-probability minus its penalty (over the output so far) is largest. Checked from
+    the returned raw log-probabilities: the 20 most likely tokens are known, and any
+    other token has a log-probability below the 20th and a penalty >= 0."""
+    prompt = random_prompts(1, 30, 30, seed=22)[0]
+    presence, frequency = 0.7, 0.4
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=20,
+                              presence_penalty=presence, frequency_penalty=frequency)
+    out = engine.generate([prompt], sampling)[0]
+    counts: dict[int, int] = {}
+
+    def score(token: int, logprob: float) -> float:
+        n = counts.get(token, 0)
+        return logprob - frequency * n - presence * (n > 0)
+
+    for token, lp in zip(out.token_ids, out.logprobs, strict=True):
+        best = max(score(t, v) for t, v in lp.top)
+        assert score(token, lp.logprob) >= max(best, lp.top[-1][1]) - 1e-4
+        counts[token] = counts.get(token, 0) + 1
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert out.token_ids != engine.generate([prompt], plain)[0].token_ids
+
+
+def test_penalties_through_prefix_cache_and_preemption(builtin_model, engine):
+    """The counts come from the request's tokens, not from what a step computed: a prompt
+    served from the prefix cache, and requests preempted and recomputed under KV pressure
+    whose slots are taken back now and then (rebuilt from the tokens so far when lent
+    again), sample what they sample alone."""
+    prompts = random_prompts(8, 50, 70, seed=23)
+    params = [dataclasses.replace(PENALIZED[i % 3] if i % 4 else GREEDY, max_tokens=40)
+              for i in range(8)]
+    alone = [engine.generate([p], s)[0] for p, s in zip(prompts, params, strict=True)]
+    again = engine.generate([prompts[1]], params[1])[0]
+    assert again.num_cached_tokens > 0 and again.token_ids == alone[1].token_ids
+    tight = LLMEngine(engine_config(cache=CacheConfig(page_size=16, num_pages=24),
+                                    buckets=BucketConfig((16, 32, 64), (4,)),
+                                    max_model_len=256),
+                      loaded=builtin_model)
+    inits = []
+    init = tight.runner.init_penalty_slot
+    tight.runner.init_penalty_slot = lambda slot, *a: (inits.append(slot), init(slot, *a))
+    ids = [tight.add_request(p, s) for p, s in zip(prompts, params, strict=True)]
+    while tight.has_unfinished_requests():
+        tight.step()
+        if tight.num_steps % 7 == 0:  # every slot taken back
+            tight.penalty_slots = PenaltySlots(tight.runner.num_penalty_slots)
+    outputs = [tight.pop_finished(i) for i in ids]
+    assert sum(o.num_preemptions for o in outputs) > 0, "pool was never short: test is void"
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in alone]
+    assert len(inits) > sum(p.has_penalties for p in params), "no slot was lent twice"
 
 
 def test_generate_is_all_or_nothing(engine):

@@ -1,6 +1,7 @@
 """Tensor parallelism on 4 simulated CPU devices (a subprocess: the device count is fixed
-when JAX starts): greedy outputs equal one device's, the weights and KV pages stay split
-over the ``tp`` axis across steps, and a split the model cannot take is a clear error."""
+when JAX starts): greedy outputs (with and without penalties) equal one device's, the
+weights and KV pages stay split over the ``tp`` axis across steps, and a split the model
+cannot take is a clear error."""
 
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ def spec(array):
 
 prompts = ["hello there", "a longer prompt that is chunked " * 3, "x", "tensor parallel"]
 greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+penalized = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                           repetition_penalty=1.3, frequency_penalty=0.5)
 out = {}
 for tp in (1, 2):
     engine = LLMEngine(EngineConfig(tensor_parallel=tp, **common), loaded=loaded)
-    out[f"tokens_{tp}"] = [o.token_ids for o in engine.generate(prompts, greedy)]
+    out[f"tokens_{tp}"] = [o.token_ids for o in engine.generate(
+        prompts, [greedy, penalized, greedy, penalized])]
     runner = engine.runner
     out[f"kv_spec_{tp}"] = spec(runner.kv_cache[0][0])
     layer = runner.params["layers_0"]

@@ -173,6 +173,11 @@ def test_models_health_load(http):
     ({"prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "min_p": 2}, 400, "min_p"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "repetition_penalty": 2.5}, 400, "repetition_penalty"),
+    ({"prompt": "x", "stop_token_ids": [100000]}, 400, "stop_token_ids"),
     ({"prompt": [999]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "x", "slo_ttft_ms": -5}, 400, "slo_ttft_ms"),
@@ -241,6 +246,34 @@ def test_logit_bias_and_min_p(client):
     assert hot.choices[0].text == plain.choices[0].text  # min_p 1: only the top token
 
 
+def test_penalties_and_stop_token_ids(client, reference):
+    """presence_penalty and frequency_penalty (OpenAI's) and repetition_penalty and
+    stop_token_ids (vLLM's extras) reach the engine: each answer is the offline engine's
+    under the same SamplingParams, and the penalties change the greedy text."""
+    from fbjax.sched.request import SamplingParams
+
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    plain = reference(PROMPT, 12)
+    assert client.completions.create(**kw).choices[0].text == plain.text
+    for fields in ({"presence_penalty": 1.5, "frequency_penalty": 1.0},
+                   {"repetition_penalty": 1.8}):
+        text = client.completions.create(extra_body=fields, **kw).choices[0].text
+        want = reference.engine.generate([PROMPT], SamplingParams(
+            max_tokens=12, temperature=0.0, **fields))[0].text
+        assert text == want != plain.text, fields
+    stop_id = plain.token_ids[3]
+    out = client.completions.create(extra_body={"stop_token_ids": [stop_id]}, **kw).choices[0]
+    want = reference.engine.generate([PROMPT], SamplingParams(
+        max_tokens=12, temperature=0.0, stop_token_ids=(stop_id,)))[0]
+    assert out.finish_reason == "stop" and out.text == want.text
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Say it again"}],
+                max_tokens=16, temperature=0)
+    plain_chat = client.chat.completions.create(**chat).choices[0].message.content
+    penalized = client.chat.completions.create(presence_penalty=2, frequency_penalty=2,
+                                               extra_body={"repetition_penalty": 2}, **chat)
+    assert penalized.choices[0].message.content != plain_chat
+
+
 def test_chat_logprobs_and_top_logprobs(client, http):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
               temperature=0, logprobs=True, top_logprobs=2)
@@ -276,6 +309,8 @@ def test_bad_chat_input(http):
     ({"n": 100}, 400, "n"),
     ({"stop": ["x"] * 17}, 400, "stop"),
     ({"slo_tpot_ms": 0}, 400, "slo_tpot_ms"),
+    ({"presence_penalty": -2.5}, 400, "presence_penalty"),
+    ({"repetition_penalty": -1}, 400, "repetition_penalty"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": 10_000}, 400, "max_tokens"),
 ])

@@ -122,7 +122,9 @@ def submissions(state: ServerState, body: GenerateRequest, prompts: Prompts,
                                           prompt_logprobs=(body.requested_logprobs()
                                                            if prompts.echo_texts is not None
                                                            else None),
-                                          min_p=body.min_p, logit_bias=logit_bias)
+                                          min_p=body.min_p, logit_bias=logit_bias,
+                                          stop_token_ids=tuple(body.stop_token_ids or ()),
+                                          **body.penalties())
                 state.engine.encode_and_validate(ids, sampling)
             except InvalidRequestError as e:
                 param = _SERVER_PARAMS.get(e.param, e.param)
